@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..eqdiff_core import frequency
-from .glue import bchw_to_image, image_to_bchw
+from .glue import bchw_to_image, check_choices, image_to_bchw
 
 AUTHORS_LOW_CUTOFF = frequency.bins_to_cutoff(50, 512)
 AUTHORS_HIGH_CUTOFF = frequency.bins_to_cutoff(5, 512)
@@ -78,6 +78,10 @@ class EqDiffFFTSplit(io.ComfyNode):
                 ),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, shape, profile, output) -> bool | str:
+        return check_choices(cls, shape=shape, profile=profile, output=output)
 
     @classmethod
     def execute(

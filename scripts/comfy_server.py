@@ -139,11 +139,18 @@ class ComfyServer:
         return self._request("GET", path, timeout=timeout)
 
     def queue(self, prompt: dict) -> str:
-        """POST /prompt; returns the prompt id or raises PromptRejected with the server's answer."""
+        """POST /prompt; returns the prompt id.
+
+        Raises PromptRejected when any node fails validation. ComfyUI still queues the outputs
+        that validated (its answer then carries both ``prompt_id`` and ``node_errors``), so a
+        caller that wants those can wait on ``err.body["prompt_id"]``.
+        """
         try:
             answer = self._request("POST", "/prompt", {"prompt": prompt, "client_id": self.client_id})
         except urllib.error.HTTPError as err:
             raise PromptRejected(json.loads(err.read() or b"{}")) from None
+        if answer.get("node_errors"):
+            raise PromptRejected(answer)
         return answer["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600, on_progress=None) -> dict:

@@ -5,4 +5,5 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$REPO/scripts/setup_env.sh" --browser
 cd "$REPO"
-exec "${EQDIFF_ENV:-$REPO/.comfy}/venv/bin/python" -m pytest "$@"
+[ $# -gt 0 ] || set -- tests
+exec "${EQDIFF_ENV:-$REPO/.comfy}/venv/bin/python" -m pytest -c tests/pytest.ini --rootdir tests "$@"

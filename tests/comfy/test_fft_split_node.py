@@ -1,0 +1,62 @@
+"""EqDiffFFTSplit called in-process as ComfyUI calls it (inference mode, IMAGE tensors)."""
+
+import pytest
+import torch
+
+from eqdiff_core import frequency as fq
+
+DEFAULTS = dict(low_cutoff=0.25, high_cutoff=0.25, shape="circle", profile="ideal", butterworth_order=2,
+                grayscale=False, output="signed")
+
+
+@pytest.fixture
+def fft_node(registered_nodes):
+    return registered_nodes["EqDiffFFTSplit"]
+
+
+def run(node, image, **overrides):
+    with torch.inference_mode():
+        return node.execute(image=image, **{**DEFAULTS, **overrides}).result
+
+
+def test_signed_split_reconstructs_the_image(fft_node):
+    image = torch.rand(3, 37, 50, 3)
+    low, high, preview = run(fft_node, image)
+    assert low.shape == high.shape == preview.shape == image.shape
+    assert low.dtype == torch.float32 and low.device.type == "cpu"
+    assert (low + high - image).abs().max() < 1e-5
+    assert preview.min() >= 0 and preview.max() <= 1
+
+
+def test_matches_core_in_channels_last_layout(fft_node):
+    image = torch.rand(2, 32, 24, 3)
+    low, high, _ = run(fft_node, image, shape="square", profile="butterworth", butterworth_order=3,
+                       low_cutoff=0.3, high_cutoff=0.1)
+    ref_low, ref_high = fq.frequency_split(image.movedim(-1, 1), 0.3, 0.1, "square", "butterworth", 3)
+    assert torch.allclose(low, ref_low.movedim(1, -1), atol=1e-6)
+    assert torch.allclose(high, ref_high.movedim(1, -1), atol=1e-6)
+
+
+def test_magnitude_output_is_what_vae_encode_turns_into_the_authors_tensor(fft_node):
+    image = torch.rand(1, 64, 64, 3)
+    low, high, _ = run(fft_node, image, output="magnitude", grayscale=True, shape="square",
+                       low_cutoff=fq.bins_to_cutoff(50, 512), high_cutoff=fq.bins_to_cutoff(5, 512))
+    authors_low, authors_high = fq.frequency_split(image.movedim(-1, 1) * 2 - 1, fq.bins_to_cutoff(50, 512),
+                                                   fq.bins_to_cutoff(5, 512), "square", "ideal",
+                                                   grayscale=True, output="magnitude")
+    # VAE Encode maps an IMAGE x to 2x - 1.
+    assert torch.allclose(low * 2 - 1, authors_low.movedim(1, -1), atol=1e-6)
+    assert torch.allclose(high * 2 - 1, authors_high.movedim(1, -1), atol=1e-6)
+    assert torch.equal(low[..., 0], low[..., 2])
+
+
+def test_alpha_channel_and_single_pixel_images(fft_node):
+    image = torch.rand(2, 1, 1, 4)
+    low, high, _ = run(fft_node, image)
+    assert low.shape == (2, 1, 1, 4)
+    assert torch.allclose(low, image) and high.abs().max() < 1e-6  # a 1x1 image is all DC
+
+
+def test_bad_setting_names_the_input(fft_node):
+    with pytest.raises(ValueError, match="high_cutoff must be a positive"):
+        run(fft_node, torch.rand(1, 8, 8, 3), high_cutoff=0.0)

@@ -1,0 +1,128 @@
+"""The pack in a real ComfyUI server, driven over the HTTP API."""
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from comfy_env import REPO
+from comfy_server import PromptRejected
+
+FFT_WORKFLOW = json.loads((REPO / "workflows" / "api" / "fft_split.json").read_text())
+# ComfyUI 0.3.75 without torchaudio: its two audio node modules fail to import; nothing else may.
+KNOWN_IMPORT_FAILURES = {"nodes_audio.py", "nodes_audio_encoder.py"}
+
+
+def test_no_import_failures(server):
+    failed = set(re.findall(r"IMPORT FAILED\)?:?\s*(\S+)", server.log()))
+    failed = {f.rsplit("/", 1)[-1] for f in failed}
+    assert failed <= KNOWN_IMPORT_FAILURES, server.log()[-3000:]
+
+
+def test_object_info_lists_the_nodes_with_their_inputs(server):
+    info = server.get("/object_info/EqDiffFFTSplit")["EqDiffFFTSplit"]
+    assert info["display_name"] == "FFT Split"
+    assert info["python_module"].endswith("eqdiff-nodes")
+    required = info["input"]["required"]
+    assert list(required) == ["image", "low_cutoff", "high_cutoff", "shape", "profile",
+                              "butterworth_order", "grayscale", "output"]
+    assert required["low_cutoff"][0] == "FLOAT" and required["low_cutoff"][1]["max"] == 1.5
+    assert required["shape"][1]["options"] == ["circle", "square"] or required["shape"][0] == ["circle", "square"]
+    assert all("tooltip" in spec[1] for spec in required.values())
+    assert info["output"] == ["IMAGE", "IMAGE", "IMAGE"]
+    assert info["output_name"] == ["low", "high", "high preview"]
+
+
+# -- independent reference (numpy, full fft2 with centred indices) ----------------------------
+def np_low_pass(h, w, cutoff, shape):
+    ky = (np.arange(h) - h // 2) / (h / 2)
+    kx = (np.arange(w) - w // 2) / (w / 2)
+    r = np.hypot(ky[:, None], kx[None, :]) if shape == "circle" else np.maximum(
+        np.abs(ky)[:, None], np.abs(kx)[None, :])
+    return (r < cutoff).astype(np.float64)
+
+
+def np_band(x, transfer):
+    """x: (H, W, C) -> complex band image, filtering each channel."""
+    spec = np.fft.fftshift(np.fft.fft2(x, axes=(0, 1)), axes=(0, 1))
+    return np.fft.ifft2(np.fft.ifftshift(spec * transfer[..., None], axes=(0, 1)), axes=(0, 1))
+
+
+def as_saved(image):
+    """SaveImage's conversion: clip(255 x) truncated to uint8."""
+    return np.clip(255.0 * image, 0, 255).astype(np.uint8)
+
+
+def assert_close_to_saved(path, reference, what):
+    saved = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    diff = np.abs(saved - as_saved(reference).astype(int))
+    assert saved.shape == reference.shape, what
+    assert diff.max() <= 1, f"{what}: max difference {diff.max()} levels"
+
+
+def test_fft_split_workflow_matches_numpy_reference(server):
+    photo = ImageOps.exif_transpose(Image.open(server.input_dir / "backpack_dog_00.jpg")).convert("RGB")
+    x = np.asarray(photo).astype(np.float64) / 255.0
+    h, w, _ = x.shape
+    entry = server.run(FFT_WORKFLOW)
+
+    low = np_band(x, np_low_pass(h, w, 0.1953125, "circle")).real
+    high = x - low
+    scale = 3.0 * high.std()
+    high_preview = np.clip(0.5 + 0.5 * high / scale, 0, 1)
+    assert_close_to_saved(server.output_files(entry, "3")[0], low, "low band")
+    assert_close_to_saved(server.output_files(entry, "4")[0], high_preview, "high preview")
+
+    gray = np.repeat((x * 2 - 1).mean(axis=2, keepdims=True), 3, axis=2)
+    authors_low = np.abs(np_band(gray, np_low_pass(h, w, 50 / 256, "square")))
+    assert_close_to_saved(server.output_files(entry, "6")[0], (authors_low + 1) / 2, "authors' low band")
+    authors_high = np.abs(np_band(gray, 1 - np_low_pass(h, w, 5 / 256, "square")))
+    preview = np.clip(authors_high / (authors_high.mean() + 3 * authors_high.std()), 0, 1)
+    assert_close_to_saved(server.output_files(entry, "7")[0], preview, "authors' high preview")
+
+
+def split_only(**inputs):
+    """The FFT workflow cut down to load -> split -> save, with some split inputs replaced."""
+    prompt = {k: copy.deepcopy(FFT_WORKFLOW[k]) for k in ("1", "2", "3")}
+    prompt["2"]["inputs"].update(inputs)
+    return prompt
+
+
+@pytest.mark.parametrize("value", [5.0, -0.1, 0.0])
+def test_out_of_range_cutoff_is_rejected_and_server_keeps_serving(server, value):
+    with pytest.raises(PromptRejected) as err:
+        server.queue(split_only(low_cutoff=value))
+    assert "prompt_id" not in err.value.body
+    errors = err.value.body["node_errors"]["2"]["errors"]
+    assert errors[0]["details"] == "low_cutoff"
+    assert errors[0]["type"] in ("value_bigger_than_max", "value_smaller_than_min")
+    assert server.alive() and server.get("/system_stats")["system"]
+    ok = split_only()
+    ok["3"]["inputs"]["filename_prefix"] = f"eqdiff/after_rejection_{value}"
+    assert server.output_files(server.run(ok), "3")
+
+
+def test_invalid_branch_is_reported_while_valid_outputs_still_run(server):
+    """ComfyUI runs the outputs that validated; the answer names the bad input of the other branch."""
+    prompt = copy.deepcopy(FFT_WORKFLOW)
+    prompt["2"]["inputs"]["high_cutoff"] = 2.0
+    for node_id, prefix in (("3", "partial_low"), ("6", "partial_authors_low")):
+        prompt[node_id]["inputs"]["filename_prefix"] = f"eqdiff/{prefix}"
+    with pytest.raises(PromptRejected) as err:
+        server.queue(prompt)
+    assert err.value.body["node_errors"]["2"]["errors"][0]["details"] == "high_cutoff"
+    entry = server.wait(err.value.body["prompt_id"])
+    assert server.output_files(entry, "6") and not server.output_files(entry, "3")
+
+
+def test_unknown_option_is_rejected(server):
+    bad = copy.deepcopy(FFT_WORKFLOW)
+    bad["2"]["inputs"]["shape"] = "triangle"
+    with pytest.raises(PromptRejected) as err:
+        server.queue(bad)
+    error = err.value.body["node_errors"]["2"]["errors"][0]
+    assert error["extra_info"]["input_name"] == "shape"
+    assert "'triangle' is not one of circle, square" in error["details"]

@@ -1,0 +1,188 @@
+"""eqdiff_core.frequency against an independent numpy implementation (full fft2 + fftshift)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eqdiff_core import frequency as fq
+
+
+def numpy_low_pass_mask(h, w, cutoff, shape, profile, order):
+    """Transfer function on the *shifted* full grid, built from centred bin indices."""
+    ky = (np.arange(h) - h // 2) / (h / 2)
+    kx = (np.arange(w) - w // 2) / (w / 2)
+    if shape == "circle":
+        r = np.hypot(ky[:, None], kx[None, :])
+    else:
+        r = np.maximum(np.abs(ky)[:, None], np.abs(kx)[None, :])
+    r = r / cutoff
+    if profile == "ideal":
+        return (r < 1.0).astype(np.float64)
+    if profile == "gaussian":
+        return np.exp(-0.5 * r**2)
+    return 1.0 / (1.0 + r ** (2 * order))
+
+
+def numpy_split(x, low_cutoff, high_cutoff, shape, profile, order, grayscale, output):
+    """x: (B, C, H, W) float64 -> (low, high) via the complex inverse FFT."""
+    b, c, h, w = x.shape
+    if grayscale:
+        x = x.mean(axis=1, keepdims=True)
+    spectrum = np.fft.fftshift(np.fft.fft2(x), axes=(-2, -1))
+
+    def band(transfer):
+        return np.fft.ifft2(np.fft.ifftshift(spectrum * transfer, axes=(-2, -1)))
+
+    low = band(numpy_low_pass_mask(h, w, low_cutoff, shape, profile, order))
+    high = band(1.0 - numpy_low_pass_mask(h, w, high_cutoff, shape, profile, order))
+    if output == "magnitude":
+        low, high = np.abs(low), np.abs(high)
+    else:
+        assert np.abs(low.imag).max() < 1e-9 and np.abs(high.imag).max() < 1e-9
+        low, high = low.real, high.real
+    if grayscale:
+        low, high = np.repeat(low, c, axis=1), np.repeat(high, c, axis=1)
+    return low, high
+
+
+def random_images(b, c, h, w, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).uniform(-1, 1, (b, c, h, w)))
+
+
+@pytest.mark.parametrize("shape", fq.SHAPES)
+@pytest.mark.parametrize("profile", fq.PROFILES)
+@pytest.mark.parametrize("output", fq.OUTPUTS)
+@pytest.mark.parametrize("grayscale", [False, True])
+def test_matches_numpy_reference(shape, profile, output, grayscale):
+    x = random_images(2, 3, 24, 17)
+    got = fq.frequency_split(x, 0.3, 0.12, shape, profile, 3, grayscale, output)
+    want = numpy_split(x.numpy(), 0.3, 0.12, shape, profile, 3, grayscale, output)
+    for g, r in zip(got, want):
+        assert g.dtype == torch.float64 and g.shape == x.shape
+        np.testing.assert_allclose(g.numpy(), r, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 9), (9, 1), (2, 3), (7, 5), (33, 64), (64, 33)])
+@pytest.mark.parametrize("shape", fq.SHAPES)
+def test_edge_sizes_match_numpy(size, shape):
+    x = random_images(3, 1, *size, seed=1)
+    got = fq.frequency_split(x, 0.4, None, shape, "ideal", 2, False, "signed")
+    want = numpy_split(x.numpy(), 0.4, 0.4, shape, "ideal", 2, False, "signed")
+    np.testing.assert_allclose(got[0].numpy(), want[0], atol=1e-10)
+    np.testing.assert_allclose(got[1].numpy(), want[1], atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", fq.SHAPES)
+@pytest.mark.parametrize("profile", fq.PROFILES)
+@pytest.mark.parametrize("size", [(64, 64), (31, 47)])
+def test_signed_bands_reconstruct_input_float32(shape, profile, size):
+    x = random_images(4, 3, *size, seed=2).float()
+    low, high = fq.frequency_split(x, fq.bins_to_cutoff(5, 64), None, shape, profile, 2)
+    assert low.dtype == torch.float32
+    assert (low + high - x).abs().max().item() < 1e-5
+    assert low.abs().sum() > 0 and high.abs().sum() > 0
+
+
+def test_authors_bin_cutoffs_are_expressible():
+    assert fq.bins_to_cutoff(50, 512) == 0.1953125
+    assert fq.bins_to_cutoff(5, 512) == 0.01953125
+    # On the full 512 grid the square ideal mask keeps bins |k| <= 49 along both axes.
+    radius = fq.frequency_radius(512, 512, "square", dtype=torch.float64)
+    kept = fq.low_pass_mask(512, 512, fq.bins_to_cutoff(50), "square", "ideal", dtype=torch.float64)
+    k = torch.fft.fftfreq(512, d=1 / 512).abs()
+    assert kept[:, 0].bool().tolist() == (k <= 49).tolist()
+    assert kept[0, :].bool().tolist() == (k[:257] <= 49).tolist()
+    assert radius.shape == (512, 257)
+    # ... and it scales: the same cutoff keeps |k| <= 99 on a 1024 grid.
+    kept_1024 = fq.low_pass_mask(1024, 1024, fq.bins_to_cutoff(50), "square", "ideal")
+    assert int(kept_1024[:, 0].sum()) == 199
+
+
+def test_gaussian_and_butterworth_values_at_cutoff():
+    cutoff = 0.5
+    r = fq.frequency_radius(16, 16, "circle", dtype=torch.float64)
+    at = (r - cutoff).abs() < 1e-12  # bins exactly at the cutoff radius (k = 4 on 16)
+    assert at.any()
+    gauss = fq.low_pass_mask(16, 16, cutoff, "circle", "gaussian", dtype=torch.float64)
+    butter = fq.low_pass_mask(16, 16, cutoff, "circle", "butterworth", order=4, dtype=torch.float64)
+    assert torch.allclose(gauss[at], torch.tensor(math.exp(-0.5), dtype=torch.float64))
+    assert torch.allclose(butter[at], torch.tensor(0.5, dtype=torch.float64))
+    assert gauss[0, 0] == 1.0 and butter[0, 0] == 1.0
+
+
+def test_grayscale_repeats_the_split_of_the_channel_mean():
+    x = random_images(2, 3, 20, 20, seed=3)
+    low, high = fq.frequency_split(x, 0.25, grayscale=True)
+    mean_low, mean_high = fq.frequency_split(x.mean(1, keepdim=True), 0.25)
+    for c in range(3):
+        assert torch.equal(low[:, c], mean_low[:, 0]) and torch.equal(high[:, c], mean_high[:, 0])
+
+
+def test_magnitude_is_absolute_value_of_signed():
+    x = random_images(1, 3, 16, 12, seed=4)
+    signed = fq.frequency_split(x, 0.2, 0.05, "square")
+    mag = fq.frequency_split(x, 0.2, 0.05, "square", output="magnitude")
+    assert all(torch.equal(m, s.abs()) for m, s in zip(mag, signed))
+    assert (mag[0] >= 0).all() and (mag[1] >= 0).all()
+
+
+def test_low_band_of_constant_image_is_the_image():
+    x = torch.full((1, 3, 10, 13), 0.7, dtype=torch.float64)
+    low, high = fq.frequency_split(x, 0.01)
+    assert torch.allclose(low, x) and high.abs().max() < 1e-12
+
+
+def test_batch_items_are_independent():
+    x = random_images(5, 3, 16, 16, seed=5)
+    batched = fq.frequency_split(x, 0.3)[0]
+    single = torch.cat([fq.frequency_split(x[i : i + 1], 0.3)[0] for i in range(5)])
+    assert torch.allclose(batched, single, atol=1e-12)
+
+
+def test_band_preview_is_displayable():
+    x = random_images(3, 3, 32, 32, seed=6).float()
+    low, high = fq.frequency_split(x, 0.2)
+    for band, signed in ((high, True), (high.abs(), False), (torch.zeros_like(high), True)):
+        preview = fq.band_preview(band, signed)
+        assert preview.shape == band.shape and preview.min() >= 0 and preview.max() <= 1
+    preview = fq.band_preview(high, True)
+    assert preview.std() > 0.05  # stretched, not a flat grey
+    assert torch.allclose(fq.band_preview(torch.zeros(1, 3, 4, 4)), torch.full((1, 3, 4, 4), 0.5))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"low_cutoff": 0.0}, "low_cutoff must be a positive"),
+        ({"low_cutoff": -0.1}, "low_cutoff must be a positive"),
+        ({"low_cutoff": float("nan")}, "low_cutoff must be a positive"),
+        ({"low_cutoff": 0.2, "high_cutoff": float("inf")}, "high_cutoff must be a positive"),
+        ({"low_cutoff": 0.2, "shape": "triangle"}, "shape must be one of circle, square"),
+        ({"low_cutoff": 0.2, "profile": "box"}, "profile must be one of ideal, gaussian, butterworth"),
+        ({"low_cutoff": 0.2, "output": "abs"}, "output must be one of signed, magnitude"),
+        ({"low_cutoff": 0.2, "profile": "butterworth", "order": 0}, "butterworth order must be at least 1"),
+    ],
+)
+def test_invalid_settings_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fq.frequency_split(random_images(1, 3, 8, 8), **kwargs)
+
+
+def test_wrong_layout_is_rejected():
+    with pytest.raises(ValueError, match=r"images must be \(B, C, H, W\)"):
+        fq.frequency_split(torch.zeros(8, 8, 3), 0.2)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = random_images(4, 3, 128, 96, seed=7).float()
+    for kwargs in ({}, {"shape": "square", "grayscale": True, "output": "magnitude", "high_cutoff": 0.02}):
+        cpu = fq.frequency_split(x, 0.2, **kwargs)
+        gpu = fq.frequency_split(x.cuda(), 0.2, **kwargs)
+        assert all(g.device.type == "cuda" for g in gpu)
+        for c, g in zip(cpu, gpu):
+            assert torch.allclose(c, g.cpu(), atol=1e-5)
