@@ -1,0 +1,44 @@
+"""The UI-format workflow in the real ComfyUI frontend (headless Debian Chromium + Playwright)."""
+
+import json
+import time
+
+import pytest
+
+from comfy_env import REPO
+from frontend import load_ui_workflow, open_frontend, queue_current_graph
+
+pytestmark = pytest.mark.browser
+UI_WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+
+
+def new_history_entry(server, before: set, timeout=120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fresh = set(server.get("/history")) - before
+        if fresh:
+            return fresh.pop()
+        time.sleep(0.2)
+    raise TimeoutError("the frontend's prompt never reached the server's history")
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
+def test_ui_workflow_loads_queues_and_completes(server, artifacts, path):
+    workflow = json.loads(path.read_text())
+    with open_frontend(server.url) as page:
+        loaded = load_ui_workflow(page, workflow)
+        assert loaded["missing"] == [], f"missing node types: {loaded['missing']}"
+        assert loaded["alerts"] == [], loaded["alerts"]
+        assert sorted(loaded["node_types"]) == sorted(n["type"] for n in workflow["nodes"])
+        assert loaded["links"] == len(workflow["links"]), "links were dropped on load"
+
+        before = set(server.get("/history"))
+        prompt = queue_current_graph(page)
+        assert {n["class_type"] for n in prompt.values()} >= {"EqDiffFFTSplit"}
+        entry = server.wait(new_history_entry(server, before))
+        assert entry["status"]["status_str"] == "success"
+        assert server.output_files(entry), "the workflow saved nothing"
+        page.wait_for_timeout(1500)  # let the previews render before the screenshot
+        page.screenshot(path=str(artifacts / f"browser_{path.stem}.png"))
+        ours = [e for e in page.console_errors if "eqdiff" in e.lower()]
+        assert ours == [], ours
