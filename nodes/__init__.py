@@ -6,6 +6,8 @@ from comfy_api.latest import io
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    from . import frequency
+    from . import concept, frequency, reference, sampler
+    from .glue import register_model_folders
 
-    return [*frequency.NODES]
+    register_model_folders()
+    return [*frequency.NODES, *concept.NODES, *reference.NODES, *sampler.NODES]

@@ -1,12 +1,34 @@
-"""ComfyUI glue shared by the node modules: tensor layouts and devices."""
+"""ComfyUI glue shared by the node modules: tensor layouts, model folders, concepts on MODEL and
+CLIP, Residual Reference Attention inside ComfyUI's sampler, and the DDIM sampler."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import os
+import re
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 
 import comfy.model_management
+import comfy.patcher_extension
+import comfy.samplers
+import folder_paths
+from comfy.k_diffusion.sampling import default_noise_sampler
+from comfy.ldm.modules import attention as comfy_attention
+
+from ..eqdiff_core import concept as concept_io
+from ..eqdiff_core import rra, sampling
+
+CONCEPT_FOLDER = "eqdiff"
+RRA_KEY = "eqdiff_rra"
 
 
+# -- layouts, folders, validation --------------------------------------------------------------
 def image_to_bchw(image: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, C) in [0, 1] -> (B, C, H, W) on the compute device."""
     return image.to(comfy.model_management.get_torch_device()).movedim(-1, 1)
@@ -28,3 +50,426 @@ def check_choices(node_cls, **values) -> bool | str:
         if value is not None and value not in options[name]:
             return f"{name}: {value!r} is not one of {', '.join(map(str, options[name]))}"
     return True
+
+
+def register_model_folders() -> None:
+    """``models/eqdiff`` for concept files, added beside any paths the user configured."""
+    folder_paths.add_model_folder_path(CONCEPT_FOLDER, os.path.join(folder_paths.models_dir, CONCEPT_FOLDER))
+    paths, _ = folder_paths.folder_names_and_paths[CONCEPT_FOLDER]
+    folder_paths.folder_names_and_paths[CONCEPT_FOLDER] = (paths, {".safetensors"})
+
+
+def concept_path(name: str) -> str:
+    path = folder_paths.get_full_path(CONCEPT_FOLDER, name)
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths(CONCEPT_FOLDER))
+        raise concept_io.ConceptError(f"concept file '{name}' was not found in {folders}; put the .safetensors "
+                                      f"file written by EqDiff Save Concept there and refresh the node list.")
+    return path
+
+
+# -- the UNet's attention layers ---------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionLayer:
+    """A transformer block of the UNet: ComfyUI's patch key (block name, id, index) and its width."""
+
+    block: str
+    number: int
+    index: int
+    dim: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.block}.{self.number}.{self.index}"
+
+
+def attention_layers(diffusion_model) -> list[AttentionLayer]:
+    """Every BasicTransformerBlock of an SD1-style UNet, in ComfyUI's block numbering."""
+    groups = (("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
+              ("output", diffusion_model.output_blocks))
+    layers = []
+    for name, blocks in groups:
+        for number, block in enumerate(blocks):
+            for module in block:
+                for index, tb in enumerate(getattr(module, "transformer_blocks", [])):
+                    layers.append(AttentionLayer(name, number, index, tb.attn1.to_q.in_features))
+    return layers
+
+
+# -- concepts on MODEL and CLIP ----------------------------------------------------------------
+def check_concept_fits(concept: concept_io.Concept, model, clip=None) -> None:
+    """Raise ConceptError when the concept's tensors do not match this MODEL (and CLIP)."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    shapes = {f"diffusion_model.{k}": tuple(v.shape) for k, v in diffusion_model.state_dict().items()}
+    dims = {layer.key: layer.dim for layer in attention_layers(diffusion_model)}
+    token_dim = concept.token_lf.shape[0]
+    if clip is not None:
+        token_dim = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
+    concept_io.check_fits(concept, token_dim, shapes, dims, model_name="this checkpoint")
+
+
+def apply_concept_to_model(model, concept: concept_io.Concept, strength: float):
+    """A clone of MODEL with the concept's cross-attention K/V deltas as weight patches (they add to
+    LoRAs and other patches on the same weights)."""
+    patched = model.clone()
+    patches = {key: (delta,) for key, delta in concept.kv_deltas.items()}  # a 1-tuple is a "diff" patch
+    patched.add_patches(patches, strength)
+    return patched
+
+
+class ConceptTokenizer:
+    """A CLIP tokenizer in which each concept's prompt token stands for its embedding S*_ori.
+
+    The concept token becomes an ``embedding:`` reference resolved here, so weights like
+    ``(<token>:1.2)`` work as they do for textual inversions.
+    """
+
+    PREFIX = "eqdiff-concept-"
+
+    def __init__(self, inner, embeddings: dict[str, torch.Tensor]):
+        self.inner = copy.copy(inner)
+        sd_tokenizer = copy.copy(getattr(inner, inner.clip))
+        setattr(self.inner, inner.clip, sd_tokenizer)
+        own = dict(embeddings)
+        names = {token: f"{self.PREFIX}{i}" for i, token in enumerate(own)}
+        self._vectors = {names[t]: v for t, v in own.items()}
+        self._pattern = re.compile("|".join(rf"(?<![\w<>]){re.escape(t)}(?![\w<>])" for t in sorted(own, key=len, reverse=True)))
+        self._names = names
+        fallback = sd_tokenizer._try_get_embedding
+        if sd_tokenizer.embedding_directory is None:
+            sd_tokenizer.embedding_directory = []
+
+        def try_get_embedding(embedding_name: str):
+            first, _, leftover = embedding_name.strip().partition(" ")
+            vector = self._vectors.get(first.rstrip(","))
+            if vector is None:
+                return fallback(embedding_name)
+            return vector, (", " + leftover if first.endswith(",") else leftover)
+
+        sd_tokenizer._try_get_embedding = try_get_embedding
+
+    def rewrite(self, text: str) -> str:
+        return self._pattern.sub(lambda m: f" embedding:{self._names[m.group(0)]} ", text)
+
+    def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
+        return self.inner.tokenize_with_weights(self.rewrite(text), return_word_ids, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def apply_concept_to_clip(clip, concept: concept_io.Concept, token: str):
+    patched = clip.clone()
+    patched.tokenizer = ConceptTokenizer(clip.tokenizer, {token: concept.token_ori.float()})
+    return patched
+
+
+# -- Residual Reference Attention in ComfyUI's sampler -----------------------------------------
+@dataclass
+class ReferenceSettings:
+    noise: str = "clean"          # "clean": the clean latent at the current step; "noised": seeded noise
+    seed: int = 0
+    rows: str = "cond_uncond"     # "cond_uncond" or "cond"
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    cache: bool = True
+
+
+@dataclass
+class _StepState:
+    """Per-UNet-call state, kept in transformer_options so that clones never share it."""
+
+    layers: dict
+    rows: torch.Tensor | None            # target rows that read the reference (None: all)
+    target_rows: int                     # rows of the batch that are targets (the rest are reference rows)
+    bank: dict = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)
+    write: bool = False
+
+
+class ReferenceFeatureCache:
+    """Reference features per noise level, so that repeated runs skip the reference pass.
+
+    An entry is served only for the same model weights (model object and its weight patches), the
+    same reference latent and context, the same noising and the same sigma: features computed
+    under other weights, another reference or another schedule are never reused.
+    """
+
+    def __init__(self, max_entries: int = 128):
+        self.max_entries = max_entries
+        self._entries: OrderedDict = OrderedDict()
+        self._model_ref = None
+
+    def _weights_key(self, base_model):
+        return (id(base_model), str(getattr(base_model, "current_weight_patches_uuid", None)),
+                str(base_model.get_dtype()))
+
+    def get(self, base_model, key):
+        if self._model_ref is None or self._model_ref() is not base_model:
+            return None
+        found = self._entries.get((self._weights_key(base_model), key))
+        if found is not None:
+            self._entries.move_to_end((self._weights_key(base_model), key))
+        return found
+
+    def put(self, base_model, key, features: dict) -> None:
+        if self._model_ref is None or self._model_ref() is not base_model:
+            self._entries.clear()
+            self._model_ref = weakref.ref(base_model)
+        self._entries[(self._weights_key(base_model), key)] = features
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ReferenceAttention:
+    """RRA on a MODEL: the APPLY_MODEL wrapper, the attention patches and the feature cache.
+
+    Per sampling step the reference latent goes through the same UNet once (its rows appended to
+    the batch when nothing else patches the model, as a separate call otherwise). Its self-attention
+    inputs F^r are kept for that step only; the target rows of each RRA layer fuse them (Eq. 8-9).
+    Patch objects return themselves on deepcopy and ``to()``, so model clones share them.
+    """
+
+    def __init__(self, concept: concept_io.Concept, layer_keys: list[str], reference_latent: torch.Tensor,
+                 reference_context: torch.Tensor, settings: ReferenceSettings):
+        self.layers = {}
+        for key in layer_keys:
+            p = concept.rra[key]
+            layer = rra.RRALayer(p["to_k_res"].shape[0])
+            layer.load_state_dict({"to_k_res.weight": p["to_k_res"], "to_v_res.weight": p["to_v_res"],
+                                   "h_r.weight": p["h_r.weight"], "h_r.bias": p["h_r.bias"]})
+            self.layers[key] = layer.requires_grad_(False)
+        self.reference_latent = reference_latent   # (1, 4, h, w), raw VAE latent
+        self.reference_context = reference_context  # (1, T, D)
+        self.settings = settings
+        self.cache = ReferenceFeatureCache()
+        self.identity = hashlib.sha256(
+            concept.fingerprint().encode()
+            + reference_latent.float().cpu().numpy().tobytes()
+            + reference_context.float().cpu().numpy().tobytes()
+        ).hexdigest()[:16]
+        self.stats = {"reference_passes": 0, "cache_hits": 0}
+        self._cast: dict = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, device_or_dtype):
+        return self
+
+    # -- registration ----------------------------------------------------------------------------
+    def patch(self, model):
+        patched = model.clone()
+        patched.set_model_attn1_patch(_ReferenceWriter(self))
+        patched.set_model_attn1_output_patch(_ReferenceFuser(self))
+        for key in self.layers:
+            block, number, index = key.split(".")
+            patched.set_model_attn1_replace(_RRAAttention(self, key), block, int(number), int(index))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, RRA_KEY, self.apply_model)
+        return patched
+
+    def layer(self, key: str, like: torch.Tensor) -> rra.RRALayer:
+        """The RRA layer on the device and in the dtype of the activations (cast once)."""
+        cache_key = (key, like.device, like.dtype)
+        if cache_key not in self._cast:
+            self._cast[cache_key] = copy.deepcopy(self.layers[key]).to(like.device, like.dtype)
+        return self._cast[cache_key]
+
+    # -- the wrapper ------------------------------------------------------------------------------
+    def _active(self, base_model, sigma: float) -> bool:
+        ms = base_model.model_sampling
+        high = float(ms.percent_to_sigma(self.settings.start_percent))
+        low = float(ms.percent_to_sigma(self.settings.end_percent))
+        return low <= sigma <= high
+
+    def _reference_input(self, base_model, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The reference row in sampling space: at the UNet's input it is the clean latent
+        (``clean``) or the latent noised to sigma with seeded noise (``noised``)."""
+        z = base_model.process_latent_in(self.reference_latent.to(like.device, torch.float32))
+        if z.shape[-2:] != like.shape[-2:]:
+            z = F.interpolate(z, size=like.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+        s = sigma.to(z.device, torch.float32).view(1, 1, 1, 1)
+        if self.settings.noise == "noised":
+            gen = torch.Generator(device="cpu").manual_seed(self.settings.seed)
+            noise = torch.randn(z.shape, generator=gen).to(z.device)
+            x = base_model.model_sampling.noise_scaling(s.view(1), noise, z)
+        else:
+            x = z * torch.sqrt(s * s + 1.0)  # calculate_input divides by sqrt(sigma^2 + 1)
+        return x.to(like.dtype)
+
+    def _context(self, like: torch.Tensor) -> torch.Tensor:
+        ctx = self.reference_context.to(like.device, like.dtype)
+        tokens = like.shape[1]
+        if tokens != ctx.shape[1] and tokens % ctx.shape[1] == 0:
+            ctx = ctx.repeat(1, tokens // ctx.shape[1], 1)  # repeating all keys leaves attention unchanged
+        return ctx
+
+    def _target_rows(self, batch: int, transformer_options) -> torch.Tensor | None:
+        if self.settings.rows == "cond_uncond":
+            return None
+        chunks = transformer_options.get("cond_or_uncond", [0])
+        per_chunk = batch // max(len(chunks), 1)
+        rows = [i * per_chunk + j for i, c in enumerate(chunks) if c == 0 for j in range(per_chunk)]
+        return torch.tensor(rows, dtype=torch.long)
+
+    def _can_share_call(self, c_concat, control, transformer_options, kwargs) -> bool:
+        """Reference rows may ride in the target call only when nothing else sees the batch."""
+        if c_concat is not None or control is not None:
+            return False
+        if any(torch.is_tensor(v) for v in kwargs.values()):
+            return False
+        patches = transformer_options.get("patches", {})
+        ours = (_ReferenceWriter, _ReferenceFuser)
+        for plist in patches.values():
+            if any(not isinstance(p, ours) for p in plist):
+                return False
+        for replaces in transformer_options.get("patches_replace", {}).values():
+            if any(not isinstance(p, _RRAAttention) for p in replaces.values()):
+                return False
+        wrappers = transformer_options.get("wrappers", {})
+        for wtype, keyed in wrappers.items():
+            for key, funcs in keyed.items():
+                if funcs and not (wtype == comfy.patcher_extension.WrappersMP.APPLY_MODEL and key == RRA_KEY):
+                    return False
+        return True
+
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
+                    transformer_options={}, **kwargs):
+        base_model = executor.class_obj
+        sigma = t[:1]
+        if not self._active(base_model, float(sigma)):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        batch = x.shape[0]
+        rows = self._target_rows(batch, transformer_options)
+        state = _StepState(self.layers, rows, batch)
+        cache_key = (self.identity, self.settings.noise, self.settings.seed, tuple(x.shape[-2:]),
+                     round(float(sigma), 6), str(x.device))
+        cached = self.cache.get(base_model, cache_key) if self.settings.cache else None
+        options = dict(transformer_options)
+        options[RRA_KEY] = state
+        try:
+            if cached is not None:
+                self.stats["cache_hits"] += 1
+                state.bank = cached
+                return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+            self.stats["reference_passes"] += 1
+            ref_x = self._reference_input(base_model, sigma, x)
+            ref_ctx = self._context(c_crossattn)
+            state.write = True
+            if self._can_share_call(c_concat, control, transformer_options, kwargs):
+                out = executor(torch.cat([x, ref_x]), torch.cat([t, sigma]), None,
+                               torch.cat([c_crossattn, ref_ctx]), None, options, **kwargs)[:batch]
+            else:
+                ref_options = dict(transformer_options)
+                ref_options["cond_or_uncond"] = [0]
+                ref_options[RRA_KEY] = _StepState(self.layers, None, 0, state.bank, write=True)
+                executor(ref_x, sigma, None, ref_ctx, None, ref_options, **kwargs)
+                state.write = False
+                out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+            if self.settings.cache:
+                self.cache.put(base_model, cache_key, state.bank)
+            return out
+        finally:
+            state.pending.clear()
+
+
+def _layer_key(extra_options) -> str | None:
+    block = extra_options.get("block")
+    if block is None:
+        return None
+    return f"{block[0]}.{block[1]}.{extra_options.get('block_index', 0)}"
+
+
+class _PatchBase:
+    def __init__(self, owner: ReferenceAttention):
+        self.owner = owner
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, device_or_dtype):
+        return self
+
+
+class _ReferenceWriter(_PatchBase):
+    """attn1_patch: keeps the reference rows' normed hidden states F^r of every RRA layer."""
+
+    def __call__(self, n, context_attn1, value_attn1, extra_options):
+        state = extra_options.get(RRA_KEY)
+        if state is not None and state.write:
+            key = _layer_key(extra_options)
+            if key in state.layers:
+                state.bank[key] = n[state.target_rows:].detach()
+        return n, context_attn1, value_attn1
+
+
+class _RRAAttention(_PatchBase):
+    """attn1 replace of an RRA layer: the layer's own attention SA, plus the reference attention and
+    H_r for the target rows, whose fusion waits for the output projection (_ReferenceFuser)."""
+
+    def __init__(self, owner: ReferenceAttention, key: str):
+        super().__init__(owner)
+        self.key = key
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        attention = comfy_attention.optimized_attention
+        sa = attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                       transformer_options=extra_options)
+        state = extra_options.get(RRA_KEY)
+        reference = state.bank.get(self.key) if state is not None else None
+        if reference is None or state.target_rows == 0:
+            return sa
+        targets = slice(0, state.target_rows) if state.rows is None else state.rows.to(q.device)
+        layer = self.owner.layer(self.key, q)
+        f_ra, gate = layer(q[targets], sa[targets], reference.to(q.dtype), heads, attention=attention)
+        state.pending[self.key] = (targets, f_ra, gate * self.owner.settings.strength)
+        return sa
+
+
+class _ReferenceFuser(_PatchBase):
+    """attn1_output_patch: F_RRA = H_s(SA) (1 - M^f) + F_RA M^f on the target rows (Eq. 9)."""
+
+    def __call__(self, n, extra_options):
+        state = extra_options.get(RRA_KEY)
+        if state is None:
+            return n
+        pending = state.pending.pop(_layer_key(extra_options), None)
+        if pending is None:
+            return n
+        targets, f_ra, gate = pending
+        out = n.clone()
+        out[targets] = rra.residual_reference_fusion(n[targets], f_ra, gate)
+        return out
+
+
+# -- DDIM ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, noise_sampler=None):
+    """k-diffusion style sampler function: DDIM updates over the given sigmas."""
+    extra_args = {} if extra_args is None else extra_args
+    if eta > 0.0 and noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        noise = noise_sampler(sigmas[i], sigmas[i + 1]) if eta > 0.0 else None
+        x = sampling.ddim_step(x, denoised, sigmas[i], sigmas[i + 1], eta, noise)
+    return x
+
+
+def ddim_sampler(eta: float) -> comfy.samplers.KSAMPLER:
+    return comfy.samplers.KSAMPLER(sample_ddim, extra_options={"eta": eta})
+
+
+def ddim_schedule(model, steps: int) -> torch.Tensor:
+    return sampling.ddim_sigmas(model.get_model_object("model_sampling").sigmas.float().cpu(), steps)

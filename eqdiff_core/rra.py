@@ -1,0 +1,132 @@
+"""Residual Reference Attention (paper §4.3, Eq. 8-10).
+
+In a self-attention layer of the target UNet, with target features F^g (the layer's normed input)
+and reference features F^r (the same layer's normed input in a pass of the frozen UNet over the
+reference latent):
+
+    SA  = SA(F^g, F^g, F^g)                 the layer's own attention, before its output projection
+    RA  = SA(F^g, F^r, F^r)                 queries of the target, keys/values projected from F^r
+    F_l = H_r([RA, SA])                     H_r: Linear 2d -> d+1, zero-initialised      (Eq. 8)
+    F_RA, M^f = F_l[..., :d], clamp(F_l[..., d:], 0, 1)
+    F_SA = H_s(SA)                          H_s: the layer's frozen output projection
+    F_RRA = F_SA * (1 - M^f) + F_RA * M^f                                                  (Eq. 9)
+
+As in the authors' code, the reference keys and values have their own projections
+(``to_k_res``, ``to_v_res``, initialised from the layer's frozen ``to_k``/``to_v``) and the queries
+are the layer's own. With H_r zero, M^f = 0 and the layer is exactly the pretrained one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# attention(q, k, v, heads) -> out, with q (B, N, C), k/v (B, M, C), out (B, N, C)
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d_head)) v over ``heads`` heads (Eq. 2); (B, N, C) x (B, M, C) -> (B, N, C)."""
+    b, n, c = q.shape
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, c // heads).transpose(1, 2)  # noqa: E731
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(b, n, c)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """The attention map A = softmax(q k^T / sqrt(d_head)) per head: (B, N, C) x (B, M, C) -> (B, heads, N, M)."""
+    b, n, c = q.shape
+    qh = q.reshape(b, n, heads, c // heads).transpose(1, 2)
+    kh = k.reshape(k.shape[0], k.shape[1], heads, c // heads).transpose(1, 2)
+    return torch.softmax(qh @ kh.transpose(-1, -2) * (c // heads) ** -0.5, dim=-1)
+
+
+class RRALayer(nn.Module):
+    """The trainable part of RRA for one self-attention layer of width ``dim``.
+
+    Parameters: ``to_k_res``, ``to_v_res`` (Linear d -> d, no bias) and ``h_r`` (Linear 2d -> d+1).
+    """
+
+    def __init__(self, dim: int, device=None, dtype=None):
+        super().__init__()
+        self.dim = dim
+        self.to_k_res = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+        self.to_v_res = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+        self.h_r = nn.Linear(2 * dim, dim + 1, device=device, dtype=dtype)
+        nn.init.zeros_(self.h_r.weight)  # zero-initialised H_r: M^f = 0, the layer starts as the base layer
+        nn.init.zeros_(self.h_r.bias)
+
+    @classmethod
+    def from_self_attention(cls, to_k: torch.Tensor, to_v: torch.Tensor) -> "RRALayer":
+        """A fresh layer whose reference projections start as the frozen layer's ``to_k``/``to_v`` (d, d)."""
+        layer = cls(to_k.shape[0], device=to_k.device, dtype=to_k.dtype)
+        with torch.no_grad():
+            layer.to_k_res.weight.copy_(to_k)
+            layer.to_v_res.weight.copy_(to_v)
+        return layer
+
+    def reference_keys_values(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """F^r (R, M, d) -> keys and values of the reference attention, each (R, M, d)."""
+        return self.to_k_res(reference), self.to_v_res(reference)
+
+    def fuse(self, ra: torch.Tensor, sa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 8: H_r([RA, SA]) split into F_RA (B, N, d) and the reference mask M^f (B, N, 1)."""
+        f_l = self.h_r(torch.cat([ra, sa], dim=-1))
+        return f_l[..., : self.dim], f_l[..., self.dim :].clamp(0.0, 1.0)  # phi = clamp
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        sa: torch.Tensor,
+        reference: torch.Tensor,
+        heads: int,
+        attention: AttentionFn = multihead_attention,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference attention and fusion for target queries q (B, N, d), the layer's own attention
+        output SA (B, N, d) before H_s, and reference features (B or 1, M, d).
+
+        Returns (F_RA, M^f); combine them with ``H_s(SA)`` through ``residual_reference_fusion``.
+        """
+        k_r, v_r = self.reference_keys_values(reference)
+        if k_r.shape[0] != q.shape[0]:
+            k_r, v_r = k_r.expand(q.shape[0], -1, -1), v_r.expand(q.shape[0], -1, -1)
+        ra = attention(q, k_r, v_r, heads)  # SA(F^g, F^r, F^r)
+        return self.fuse(ra, sa)
+
+
+def residual_reference_fusion(f_sa: torch.Tensor, f_ra: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 9: F_RRA = F_SA (1 - M^f) + F_RA M^f; (B, N, d), (B, N, d), (B, N, 1) -> (B, N, d)."""
+    return f_sa * (1.0 - mask) + f_ra * mask
+
+
+def reference_attention_loss(
+    attention: torch.Tensor,
+    reference_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    form: str = "official",
+) -> torch.Tensor:
+    """L_ra (Eq. 10): the share of each target position's reference attention that lands on the
+    reference subject should be 1 inside the target subject.
+
+    Args:
+        attention: A, (B, N, M) (or (B, heads, N, M), averaged over heads), rows summing to 1.
+        reference_mask: M^r, (B, M) in [0, 1] at the reference feature resolution.
+        target_mask: M^g, (B, N) in [0, 1] at the target feature resolution.
+        form: ``paper`` = || sum_j (A * M^r)_ij - M^g ||_2 per sample, averaged over the batch;
+            ``official`` = mean((a_fg * M^g - M^g)^2), the authors' code, which leaves the background
+            unconstrained.
+    Returns: a scalar.
+    """
+    if attention.ndim == 4:
+        attention = attention.mean(dim=1)
+    if attention.ndim != 3:
+        raise ValueError(f"attention must be (B, N, M) or (B, heads, N, M), got {tuple(attention.shape)}")
+    foreground_share = (attention * reference_mask[:, None, :]).sum(dim=-1)  # sum_j {A * M^r}_ij
+    if form == "paper":
+        return torch.linalg.vector_norm(foreground_share - target_mask, dim=-1).mean()
+    if form == "official":
+        return ((foreground_share * target_mask - target_mask) ** 2).mean()
+    raise ValueError(f"form must be 'paper' or 'official', got {form!r}")

@@ -1,0 +1,83 @@
+"""Load Concept and Apply Concept: a learned subject on MODEL (cross-attention K/V) and CLIP (its token)."""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io
+
+import folder_paths
+
+from ..eqdiff_core import concept as concept_io
+from .glue import CONCEPT_FOLDER, apply_concept_to_clip, apply_concept_to_model, check_concept_fits, concept_path
+
+Concept = io.Custom("EQDIFF_CONCEPT")
+
+
+class EqDiffLoadConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EqDiffLoadConcept",
+            display_name="Load Concept",
+            category="EqDiff",
+            description="Loads a concept file (models/eqdiff/*.safetensors) written by EqDiff Save Concept: the "
+            "subject's frequency embeddings, cross-attention K/V and RRA layers.",
+            inputs=[
+                io.Combo.Input("concept_name", options=folder_paths.get_filename_list(CONCEPT_FOLDER),
+                               tooltip="A concept file in models/eqdiff/."),
+            ],
+            outputs=[Concept.Output("concept", display_name="concept", tooltip="The learned subject.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, concept_name):
+        path = folder_paths.get_full_path(CONCEPT_FOLDER, concept_name)
+        return None if path is None else (os.path.getmtime(path), os.path.getsize(path))
+
+    @classmethod
+    def execute(cls, concept_name) -> io.NodeOutput:
+        concept = concept_io.load(concept_path(concept_name))
+        concept.metadata.setdefault("name", os.path.splitext(os.path.basename(concept_name))[0])
+        return io.NodeOutput(concept)
+
+
+class EqDiffApplyConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EqDiffApplyConcept",
+            display_name="Apply Concept",
+            category="EqDiff",
+            description="Applies a concept: its cross-attention K/V deltas to the MODEL as weight patches (they "
+            "combine with LoRAs) and its token to the CLIP, where it stands for S*_LF + S*_HF. Write the token in "
+            "a prompt, e.g. 'a photo of <token> dog on the beach'; (<token>:1.2) weights it.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x model (the one the concept was trained on)."),
+                io.Clip.Input("clip", tooltip="The CLIP of that checkpoint."),
+                Concept.Input("concept", tooltip="From Load Concept or the FDTE Trainer."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Scale of the concept's K/V deltas on the MODEL (1 = as trained)."),
+                io.String.Input("token", default="",
+                                tooltip="The word that stands for the subject in prompts. Empty: the concept's "
+                                "own token, or <concept name> if it has none."),
+            ],
+            outputs=[
+                io.Model.Output("concept_model", display_name="model", tooltip="The MODEL with the concept's K/V."),
+                io.Clip.Output("concept_clip", display_name="clip", tooltip="The CLIP that understands the token."),
+                io.String.Output("concept_token", display_name="token", tooltip="The token to write in prompts."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concept, strength, token) -> io.NodeOutput:
+        check_concept_fits(concept, model, clip)
+        token = token.strip() or concept.metadata.get("token") or f"<{concept.name}>"
+        if any(ch.isspace() for ch in token) or any(ch in token for ch in "(),:"):
+            raise ValueError(f"token: {token!r} must be one word without spaces, brackets, commas or colons, "
+                             f"e.g. <{concept.name}>")
+        return io.NodeOutput(apply_concept_to_model(model, concept, strength), apply_concept_to_clip(clip, concept, token),
+                             token)
+
+
+NODES = [EqDiffLoadConcept, EqDiffApplyConcept]

@@ -1,0 +1,95 @@
+"""eqdiff_core.concept: atomic save, load, validation, errors that say what is wrong."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from concept_factory import random_concept
+from eqdiff_core import concept as cio
+
+KV = {"diffusion_model.output_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (16, 24)}
+DIMS = {"output.1.0": 16, "middle.0.0": 16}
+
+
+def make(**kw):
+    return random_concept(KV, DIMS, token_dim=24, gate=0.3, **kw)
+
+
+def test_round_trip_keeps_every_tensor_and_the_metadata(tmp_path):
+    c = make()
+    c.metadata["loss_history"] = [0.5, 0.25]
+    path = cio.save(c, str(tmp_path / "sub" / "c.safetensors"))
+    back = cio.load(path)
+    assert back.tensors().keys() == c.tensors().keys()
+    assert all(torch.equal(back.tensors()[k], v) for k, v in c.tensors().items())
+    assert back.metadata == c.metadata
+    assert torch.equal(back.token_ori, c.token_lf + c.token_hf)
+    assert os.listdir(tmp_path / "sub") == ["c.safetensors"]  # no temporary file left behind
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path):
+    path = str(tmp_path / "c.safetensors")
+    cio.save(make(seed=1), path)
+    before = open(path, "rb").read()
+    bad = make(seed=2)
+    bad.token_hf[0] = float("nan")
+    with pytest.raises(cio.ConceptError, match="NaN"):
+        cio.save(bad, path)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["c.safetensors"]
+
+
+def test_missing_and_truncated_files(tmp_path):
+    with pytest.raises(cio.ConceptError, match="does not exist"):
+        cio.load(str(tmp_path / "none.safetensors"))
+    path = str(tmp_path / "c.safetensors")
+    cio.save(make(), path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(cio.ConceptError, match="cannot read concept file .* truncated"):
+        cio.load(path)
+
+
+def test_foreign_and_future_files_are_named(tmp_path):
+    path = str(tmp_path / "lora.safetensors")
+    save_file({"x": torch.zeros(2)}, path)
+    with pytest.raises(cio.ConceptError, match="not an EqDiff concept"):
+        cio.load(path)
+    c = make()
+    save_file({k: v.contiguous() for k, v in c.tensors().items()}, path,
+              metadata={"eqdiff_format": "99", "eqdiff_metadata": json.dumps({})})
+    with pytest.raises(cio.ConceptError, match="format 99; .* reads format 1"):
+        cio.load(path)
+
+
+def test_nan_in_file_is_rejected_on_load(tmp_path):
+    c = make()
+    tensors = {k: v.clone().contiguous() for k, v in c.tensors().items()}
+    tensors["rra.output.1.0.h_r.bias"][0] = float("inf")
+    path = str(tmp_path / "c.safetensors")
+    save_file(tensors, path, metadata={"eqdiff_format": "1", "eqdiff_metadata": "{}"})
+    with pytest.raises(cio.ConceptError, match="rra.output.1.0.h_r.bias holds NaN or infinite"):
+        cio.load(path)
+
+
+def test_inconsistent_rra_shapes_are_rejected():
+    c = make()
+    c.rra["output.1.0"]["h_r.weight"] = torch.zeros(16, 32)
+    with pytest.raises(cio.ConceptError, match=r"h_r.weight has shape \(16, 32\), expected \(17, 32\)"):
+        cio.validate(c)
+
+
+def test_check_fits_names_the_mismatch():
+    c = make()
+    shapes = {k: s for k, s in KV.items()}
+    cio.check_fits(c, 24, shapes, DIMS)
+    with pytest.raises(cio.ConceptError, match="24-d token embeddings; this model's text encoder is 768-d"):
+        cio.check_fits(c, 768, shapes, DIMS)
+    with pytest.raises(cio.ConceptError, match=r"is \(16, 24\) in the concept and \(32, 24\) in this model"):
+        cio.check_fits(c, 24, {k: (32, 24) for k in KV}, DIMS)
+    with pytest.raises(cio.ConceptError, match="RRA layer at middle.0.0, which this model does not have"):
+        cio.check_fits(c, 24, shapes, {"output.1.0": 16})
+    with pytest.raises(cio.ConceptError, match="output.1.0 is 16 wide, this model's self-attention there is 8"):
+        cio.check_fits(c, 24, shapes, {"output.1.0": 8, "middle.0.0": 16})

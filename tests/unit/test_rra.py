@@ -1,0 +1,76 @@
+"""eqdiff_core.rra against the equations written out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from eqdiff_core import rra
+
+
+def manual_attention(q, k, v, heads):
+    b, n, c = q.shape
+    d = c // heads
+    out = torch.zeros_like(q)
+    for h in range(heads):
+        sl = slice(h * d, (h + 1) * d)
+        w = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(d), dim=-1)
+        out[..., sl] = w @ v[..., sl]
+    return out
+
+
+def test_multihead_attention_matches_the_definition():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 16, generator=g, dtype=torch.float64) for n in (5, 7, 7))
+    assert torch.allclose(rra.multihead_attention(q, k, v, 4), manual_attention(q, k, v, 4), atol=1e-12)
+    probs = rra.attention_probs(q, k, 4)
+    assert probs.shape == (2, 4, 5, 7) and torch.allclose(probs.sum(-1), torch.ones(2, 4, 5, dtype=torch.float64))
+
+
+def test_zero_initialised_layer_is_the_identity():
+    layer = rra.RRALayer(8).double()
+    g = torch.Generator().manual_seed(1)
+    q, sa, f_sa = (torch.randn(3, 6, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    ref = torch.randn(1, 10, 8, generator=g, dtype=torch.float64)
+    f_ra, gate = layer(q, sa, ref, heads=2)
+    assert torch.equal(gate, torch.zeros(3, 6, 1, dtype=torch.float64))
+    assert torch.equal(rra.residual_reference_fusion(f_sa, f_ra, gate), f_sa)
+
+
+def test_layer_follows_eq_8_and_9():
+    g = torch.Generator().manual_seed(2)
+    d, heads = 8, 2
+    to_k, to_v = torch.randn(d, d, generator=g), torch.randn(d, d, generator=g)
+    layer = rra.RRALayer.from_self_attention(to_k, to_v)
+    assert torch.equal(layer.to_k_res.weight, to_k) and torch.equal(layer.to_v_res.weight, to_v)
+    with torch.no_grad():
+        layer.h_r.weight.normal_(generator=g)
+        layer.h_r.bias.normal_(generator=g)
+    q, sa, f_sa = (torch.randn(2, 5, d, generator=g) for _ in range(3))
+    ref = torch.randn(2, 9, d, generator=g)
+    f_ra, gate = layer(q, sa, ref, heads)
+    ra = manual_attention(q, ref @ to_k.T, ref @ to_v.T, heads)  # SA(F^g, F^r, F^r)
+    f_l = torch.cat([ra, sa], -1) @ layer.h_r.weight.T + layer.h_r.bias
+    assert torch.allclose(f_ra, f_l[..., :d], atol=1e-5)
+    assert torch.allclose(gate, f_l[..., d:].clamp(0, 1), atol=1e-5)
+    assert ((gate == 0) | (gate == 1)).any() and (gate >= 0).all() and (gate <= 1).all()
+    fused = rra.residual_reference_fusion(f_sa, f_ra, gate)
+    assert torch.allclose(fused, f_sa * (1 - gate) + f_ra * gate)
+
+
+def test_reference_attention_loss_forms():
+    g = torch.Generator().manual_seed(3)
+    a = torch.softmax(torch.randn(2, 4, 6, 5, generator=g), -1)  # (B, heads, N, M)
+    m_r = (torch.rand(2, 5, generator=g) > 0.5).float()
+    m_g = (torch.rand(2, 6, generator=g) > 0.5).float()
+    share = (a.mean(1) * m_r[:, None]).sum(-1)
+    official = ((share * m_g - m_g) ** 2).mean()
+    paper = torch.stack([torch.sqrt(((share[i] - m_g[i]) ** 2).sum()) for i in range(2)]).mean()
+    assert torch.allclose(rra.reference_attention_loss(a, m_r, m_g), official)
+    assert torch.allclose(rra.reference_attention_loss(a, m_r, m_g, form="paper"), paper)
+    # attention entirely on the reference subject inside the target subject: no loss
+    perfect = torch.zeros(1, 2, 3)
+    perfect[..., 0] = 1.0
+    assert rra.reference_attention_loss(perfect, torch.tensor([[1.0, 0, 0]]), torch.ones(1, 2)) == 0
+    with pytest.raises(ValueError, match="form must be"):
+        rra.reference_attention_loss(a, m_r, m_g, form="l1")
