@@ -31,6 +31,13 @@ class EqDiffLoadConcept(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, concept_name) -> bool | str:
+        if concept_name is not None and folder_paths.get_full_path(CONCEPT_FOLDER, concept_name) is None:
+            folders = ", ".join(folder_paths.get_folder_paths(CONCEPT_FOLDER))
+            return f"concept_name: '{concept_name}' is not in {folders}; pick a file from the list"
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, concept_name):
         path = folder_paths.get_full_path(CONCEPT_FOLDER, concept_name)
         return None if path is None else (os.path.getmtime(path), os.path.getsize(path))

@@ -72,6 +72,20 @@ def load_ui_workflow(page, workflow: dict) -> dict:
     )
 
 
+def set_widgets(page, node_type: str, values: dict) -> int:
+    """Sets widget values on every node of a type, as a person would; returns how many nodes."""
+    return page.evaluate(
+        """([type, values]) => {
+            const nodes = window.comfyAPI.app.app.graph._nodes.filter(n => n.type === type);
+            for (const n of nodes)
+                for (const w of n.widgets ?? [])
+                    if (w.name in values) w.value = values[w.name];
+            return nodes.length;
+        }""",
+        [node_type, values],
+    )
+
+
 def queue_current_graph(page) -> dict:
     """Converts the loaded graph to an API prompt the way the Queue button does, and queues it."""
     return page.evaluate(

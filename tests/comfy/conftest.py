@@ -14,3 +14,20 @@ def registered_nodes():
 
     assert asyncio.run(nodes.load_custom_node(str(PACK_DIR))), "ComfyUI failed to import the pack"
     return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="session")
+def tiny(registered_nodes):
+    """The built-in tiny checkpoint through the stock CheckpointLoaderSimple: (MODEL, CLIP, VAE)."""
+    import nodes
+
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint("eqdiff_tiny_sd15.safetensors")[:3]
+    return model, clip, vae
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tiny):
+    from concept_factory import model_shapes
+
+    dm = tiny[0].get_model_object("diffusion_model")
+    return model_shapes({f"diffusion_model.{k}": tuple(v.shape) for k, v in dm.state_dict().items()})

@@ -7,7 +7,8 @@ import sys
 
 from comfy_env import COMFY_DIR, PACK_DIR
 
-NODE_IDS = {"EqDiffFFTSplit"}
+NODE_IDS = {"EqDiffFFTSplit", "EqDiffLoadConcept", "EqDiffApplyConcept", "EqDiffRRAPatch",
+            "EqDiffEquilibratedSampler", "EqDiffSampler"}
 
 
 def test_every_node_id_is_registered(registered_nodes):

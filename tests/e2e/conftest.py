@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_env import COMFY_DIR, ENV, REPO
+from comfy_env import COMFY_DIR, ENV, REPO, TINY_CHECKPOINT
 from comfy_server import ComfyServer
 from frontend import write_frontend_settings
 
@@ -11,11 +11,37 @@ ARTIFACTS = REPO / "artifacts" / "e2e"
 ASSETS = REPO / "workflows" / "assets"
 
 
+TEST_CONCEPT = "backpack_dog.safetensors"
+CORRUPT_CONCEPT = "corrupt.safetensors"
+
+
+def write_test_concepts(folder: Path) -> None:
+    """A random-weight concept for the tiny checkpoint, written by the pack's writer, and a broken file."""
+    from safetensors import safe_open
+
+    from concept_factory import model_shapes, random_concept
+    from eqdiff_core.concept import save
+
+    with safe_open(str(TINY_CHECKPOINT), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.diffusion_model.")}
+    concept = random_concept(*model_shapes(shapes), gate=0.5, name="backpack_dog")
+    save(concept, str(folder / TEST_CONCEPT))
+    data = (folder / TEST_CONCEPT).read_bytes()
+    (folder / CORRUPT_CONCEPT).write_bytes(data[: len(data) // 3])
+
+
 @pytest.fixture(scope="session")
 def server():
-    """One real ComfyUI server (127.0.0.1, CPU) with this pack for the whole e2e session."""
+    """One real ComfyUI server (127.0.0.1, CPU) with this pack for the whole e2e session; concept files
+    come from a folder of its own, added through extra_model_paths as a user would."""
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    srv = ComfyServer(ARTIFACTS / "server", comfy_dir=COMFY_DIR, python=ENV / "venv" / "bin" / "python")
+    concepts = ARTIFACTS / "concepts"
+    concepts.mkdir(parents=True)
+    write_test_concepts(concepts)
+    yaml_path = ARTIFACTS / "extra_model_paths.yaml"
+    yaml_path.write_text(f"eqdiff_tests:\n    eqdiff: {concepts}\n")
+    srv = ComfyServer(ARTIFACTS / "server", comfy_dir=COMFY_DIR, python=ENV / "venv" / "bin" / "python",
+                      extra_model_paths=[yaml_path])
     write_frontend_settings(srv.work_dir / "user")
     srv.start()
     for asset in ASSETS.glob("*.jpg"):

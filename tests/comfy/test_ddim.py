@@ -1,0 +1,51 @@
+"""The Equilibrated Sampler is DDIM: step by step against diffusers' DDIMScheduler on the tiny model."""
+
+import torch
+from diffusers import DDIMScheduler
+
+import comfy.sample
+import nodes
+from eqdiff_core.sampling import ddim_timesteps
+
+
+def test_matches_diffusers_ddim_step_by_step(tiny):
+    model, clip, _ = tiny
+    steps, cfg, seed = 6, 4.0, 3
+    with torch.inference_mode():
+        pos = nodes.CLIPTextEncode().encode(clip, "a photo of a dog")[0]
+        neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+        sampler, sigmas = nodes.NODE_CLASS_MAPPINGS["EqDiffSampler"].execute(model, steps, 0.0).result
+        latent = torch.zeros(1, 4, 8, 8)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        xs = []
+        out = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, pos, neg, latent, disable_pbar=True,
+                                         seed=seed, callback=lambda i, x0, x, total: xs.append(x.clone()))
+        xs.append(model.model.process_latent_in(out))  # sample_custom returns the VAE's latent scale
+
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                                  steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+        scheduler.set_timesteps(steps)
+        assert scheduler.timesteps.tolist() == ddim_timesteps(steps)
+        alphas = scheduler.alphas_cumprod
+        base = model.model
+        train_sigmas = base.model_sampling.sigmas
+        # ComfyUI's and diffusers' schedules are the same numbers
+        assert torch.allclose(train_sigmas.double(), ((1 - alphas) / alphas).sqrt().double(), rtol=1e-4)
+
+        def eps(x_vp, t):
+            sigma = train_sigmas[t].reshape(1)
+            x = x_vp / alphas[t].sqrt()
+            cond = base.apply_model(x, sigma, c_crossattn=pos[0][0])
+            uncond = base.apply_model(x, sigma, c_crossattn=neg[0][0])
+            denoised = uncond + cfg * (cond - uncond)
+            return (x - denoised) / sigma
+
+        # diffusers starts from unscaled noise; compare the update rule from ComfyUI's start
+        x_vp = xs[0] * alphas[scheduler.timesteps[0]].sqrt()
+        for i, t in enumerate(scheduler.timesteps):
+            ours = xs[i] * alphas[t].sqrt()
+            assert torch.allclose(ours, x_vp, rtol=1e-4, atol=1e-4), f"step {i}: {(ours - x_vp).abs().max()}"
+            x_vp = scheduler.step(eps(x_vp, t), t, x_vp, eta=0.0).prev_sample
+        assert torch.allclose(xs[-1] * alphas[0].sqrt(), x_vp, rtol=1e-4, atol=1e-4)
+        assert len(xs) == steps + 1

@@ -1,0 +1,216 @@
+"""Apply Concept, RRA Patch and the Equilibrated Sampler on the tiny checkpoint, in-process."""
+# The pack is loaded by ComfyUI under its own module name, so its ConceptError (a ValueError) is not
+# eqdiff_core.concept.ConceptError as imported here; the tests match ValueError and the message.
+
+import copy
+
+import pytest
+import torch
+
+import nodes
+from concept_factory import random_concept
+
+REF = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+RRA_DEFAULTS = dict(strength=1.0, start_percent=0.0, end_percent=1.0, reference_noise="clean", noise_seed=0,
+                    rows="cond_uncond", layers="middle+output", cache=True)
+
+
+def node(name):
+    return nodes.NODE_CLASS_MAPPINGS[name]
+
+
+def run(name, **inputs):
+    with torch.inference_mode():
+        return node(name).execute(**inputs).result
+
+
+def encode(clip, text):
+    with torch.inference_mode():
+        return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def sample(model, clip, seed=1, steps=3, cfg=5.0, batch=1, size=64, prompt="a photo of <testconcept> dog"):
+    latent = nodes.EmptyLatentImage().generate(size, size, batch)[0]
+    return run("EqDiffEquilibratedSampler", model=model, positive=encode(clip, prompt), negative=encode(clip, ""),
+               latent_image=latent, seed=seed, steps=steps, cfg=cfg, eta=0.0)[0]["samples"]
+
+
+def rra_patch(model, concept, vae, reference=REF, **overrides):
+    return run("EqDiffRRAPatch", model=model, concept=concept, reference=reference, vae=vae,
+               **{**RRA_DEFAULTS, **overrides})[0]
+
+
+def reference_attention(model):
+    return model.wrappers["apply_model"]["eqdiff_rra"][0].__self__
+
+
+def snapshot(model):
+    """What must not change on a source MODEL: its options, patches and weights."""
+    return (repr(model.model_options), sorted(model.patches), model.patches_uuid,
+            {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()})
+
+
+def assert_unchanged(model, snap):
+    options, patches, uuid, weights = snap
+    assert repr(model.model_options) == options and sorted(model.patches) == patches
+    assert model.patches_uuid == uuid
+    for k, v in model.model.diffusion_model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+
+
+@pytest.fixture(scope="module")
+def applied(tiny, tiny_shapes):
+    model, clip, vae = tiny
+    concept = random_concept(*tiny_shapes, gate=None)
+    m, c, token = run("EqDiffApplyConcept", model=model, clip=clip, concept=concept, strength=1.0, token="")
+    return m, c, vae, concept
+
+
+def test_apply_concept_patches_kv_and_token(tiny, tiny_shapes):
+    model, clip, _ = tiny
+    concept = random_concept(*tiny_shapes, gate=None)
+    snap = snapshot(model)
+    m, c, token = run("EqDiffApplyConcept", model=model, clip=clip, concept=concept, strength=1.0, token="")
+    assert token == "<testconcept>"
+    assert set(concept.kv_deltas) <= set(m.patches) and not model.patches
+    tokens = c.tokenize("a photo of <testconcept> dog, (<testconcept>:1.3)")["l"]
+    vectors = [(t, w) for row in tokens for t, w, *_ in row if torch.is_tensor(t)]
+    assert len(vectors) == 2 and [w for _, w in vectors] == [1.0, 1.3]
+    assert all(torch.equal(t, concept.token_ori) for t, _ in vectors)
+    assert not any(torch.is_tensor(t) for row in clip.tokenize("a photo of <testconcept> dog")["l"] for t, *_ in row)
+    assert not torch.equal(encode(c, "a photo of <testconcept> dog")[0][0], encode(c, "a photo of dog")[0][0])
+    assert_unchanged(model, snap)
+
+
+def test_kv_deltas_change_the_model_output(tiny, applied):
+    model, clip, _ = tiny
+    base = sample(model, clip, prompt="a dog")
+    assert not torch.equal(sample(applied[0], clip, prompt="a dog"), base)
+
+
+def test_concept_for_another_model_shape_is_rejected(tiny, tiny_shapes):
+    model, clip, _ = tiny
+    kv, dims = tiny_shapes
+    wrong = random_concept({k: (s[0] * 2, s[1]) for k, s in kv.items()}, dims)
+    with pytest.raises(ValueError, match=r"in the concept and .* in this checkpoint"):
+        run("EqDiffApplyConcept", model=model, clip=clip, concept=wrong, strength=1.0, token="")
+    narrow = random_concept(kv, dims, token_dim=512)
+    with pytest.raises(ValueError, match="512-d token embeddings"):
+        run("EqDiffApplyConcept", model=model, clip=clip, concept=narrow, strength=1.0, token="")
+
+
+def test_zero_gate_rra_is_an_exact_identity(applied):
+    m, c, vae, concept = applied
+    patched = rra_patch(m, concept, vae)
+    assert torch.equal(sample(patched, c, batch=2), sample(m, c, batch=2))
+    assert reference_attention(patched).stats["reference_passes"] == 3
+
+
+@pytest.fixture(scope="module")
+def gated(tiny, tiny_shapes):
+    model, clip, vae = tiny
+    concept = random_concept(*tiny_shapes, gate=0.6, seed=3)
+    m, c, _ = run("EqDiffApplyConcept", model=model, clip=clip, concept=concept, strength=1.0, token="")
+    return m, c, vae, concept
+
+
+def test_nonzero_gate_changes_only_the_patched_layers(gated):
+    m, c, vae, concept = gated
+    patched = rra_patch(m, concept, vae, layers="output", cache=False)
+    dm = m.get_model_object("diffusion_model")
+    seen = []
+    hook = dm.middle_block[-1].register_forward_hook(lambda mod, inp, out: seen.append(out[:2].clone()))
+    try:
+        out_rra, out_plain = sample(patched, c, steps=2), sample(m, c, steps=2)
+    finally:
+        hook.remove()
+    assert not torch.equal(out_rra, out_plain)
+    # the middle block is upstream of every output-block RRA layer: at the first step (same input)
+    # its activations are the same with and without RRA; later steps start from different latents
+    assert len(seen) == 4 and torch.equal(seen[0], seen[2]) and not torch.equal(seen[1], seen[3])
+
+
+def test_source_model_is_unchanged_by_patching_and_sampling(gated):
+    m, c, vae, concept = gated
+    snap = snapshot(m)
+    patched = rra_patch(m, concept, vae)
+    sample(patched, c)
+    assert_unchanged(m, snap)
+    assert "eqdiff_rra" not in repr(m.wrappers)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_one_reference_pass_per_step_then_cache_hits(gated, batch):
+    m, c, vae, concept = gated
+    patched = rra_patch(m, concept, vae)
+    ra = reference_attention(patched)
+    first = sample(patched, c, batch=batch, steps=4)
+    assert ra.stats == {"reference_passes": 4, "cache_hits": 0}
+    second = sample(patched, c, batch=batch, steps=4, seed=9, prompt="<testconcept> on the moon")
+    assert ra.stats == {"reference_passes": 4, "cache_hits": 4}
+    assert not torch.equal(first, second)
+    uncached = rra_patch(m, concept, vae, cache=False)
+    assert torch.equal(sample(uncached, c, batch=batch, steps=4, seed=9, prompt="<testconcept> on the moon"), second)
+    assert reference_attention(uncached).stats == {"reference_passes": 4, "cache_hits": 0}
+
+
+def test_cache_recomputes_for_other_weights_reference_or_schedule(gated, tiny_shapes):
+    m, c, vae, concept = gated
+    patched = rra_patch(m, concept, vae)
+    ra = reference_attention(patched)
+    sample(patched, c, steps=3)
+    assert ra.stats["reference_passes"] == 3
+    # other weights: a weight patch added downstream of the RRA Patch (as a LoRA loader would)
+    other = patched.clone()
+    key = next(iter(concept.kv_deltas))
+    other.add_patches({key: (torch.ones_like(concept.kv_deltas[key]) * 0.01,)}, 1.0)
+    sample(other, c, steps=3)
+    assert ra.stats["reference_passes"] == 6
+    # another schedule: new sigmas are computed, shared ones would be valid and are served
+    sample(patched, c, steps=5)
+    assert ra.stats["reference_passes"] > 6
+    # another reference: its own features
+    other_ref = rra_patch(m, concept, vae, reference=torch.rand(1, 64, 64, 3))
+    sample(other_ref, c, steps=3)
+    assert reference_attention(other_ref).stats["reference_passes"] == 3
+    assert not torch.equal(sample(other_ref, c, steps=3), sample(patched, c, steps=3))
+
+
+def test_rows_cond_only_and_window(gated):
+    m, c, vae, concept = gated
+    full = sample(rra_patch(m, concept, vae, cache=False), c)
+    cond_only = sample(rra_patch(m, concept, vae, rows="cond", cache=False), c)
+    off = sample(rra_patch(m, concept, vae, start_percent=1.0, end_percent=1.0, cache=False), c)
+    assert not torch.equal(full, cond_only)
+    assert torch.equal(off, sample(m, c))
+    assert torch.equal(sample(rra_patch(m, concept, vae, strength=0.0, cache=False), c), sample(m, c))
+
+
+def test_noised_reference_is_seeded(gated):
+    m, c, vae, concept = gated
+    a = sample(rra_patch(m, concept, vae, reference_noise="noised", noise_seed=1, cache=False), c)
+    b = sample(rra_patch(m, concept, vae, reference_noise="noised", noise_seed=1, cache=False), c)
+    other = sample(rra_patch(m, concept, vae, reference_noise="noised", noise_seed=2, cache=False), c)
+    assert torch.equal(a, b) and not torch.equal(a, other)
+
+
+def test_same_seed_same_image(gated):
+    m, c, vae, concept = gated
+    patched = rra_patch(m, concept, vae, cache=False)
+    assert torch.equal(sample(patched, c, seed=5), sample(patched, c, seed=5))
+    assert not torch.equal(sample(patched, c, seed=5), sample(patched, c, seed=6))
+
+
+def test_reference_that_does_not_fit(gated, tiny_shapes):
+    m, c, vae, concept = gated
+    with pytest.raises(ValueError, match="reference: got a batch of 2 images"):
+        rra_patch(m, concept, vae, reference=torch.rand(2, 64, 64, 3))
+    with pytest.raises(ValueError, match="too small"):
+        rra_patch(m, concept, vae, reference=torch.rand(1, 16, 16, 3))
+    no_rra = copy.copy(concept)
+    no_rra.rra = {}
+    with pytest.raises(ValueError, match="has no RRA layers"):
+        rra_patch(m, no_rra, vae)
+    output_only = random_concept(*tiny_shapes, gate=0.5, layers=("output",))
+    with pytest.raises(ValueError, match="none is in 'middle'"):
+        rra_patch(m, output_only, vae, layers="middle")
