@@ -1,0 +1,141 @@
+"""Benchmark of sampling: seconds per image for (a) ComfyUI's KSampler (ddim, ddim_uniform) without RRA,
+(b) the Equilibrated Sampler with RRA (reference features computed), (c) the same with the
+reference-feature cache warm (a repeated run with a new seed), at several batch sizes, plus peak
+GPU memory. SD1.5-architecture UNet with random weights, built through ComfyUI's own classes.
+
+    .comfy/venv/bin/python bench/sample.py [--size 512] [--steps 50] [--batches 1 4] [--repeats 2]
+
+Prints one JSON object. Run it on the GPU machine; on a CPU use e.g. --size 64 --steps 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+
+from comfy_env import PACK_DIR, use_comfy  # noqa: E402
+
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def build_model(dtype):
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(SD15_UNET)
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, device=mm.get_torch_device())
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.zeros_like(p) if name.endswith("bias") else torch.ones_like(p))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen).to(p) / math.sqrt(p[0].numel()))
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per case (the best is kept)")
+    parser.add_argument("--cfg", type=float, default=7.5)
+    args = parser.parse_args()
+
+    use_comfy()
+    import torch
+    import nodes
+
+    asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
+    from concept_factory import model_shapes, random_concept
+
+    pack = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.nodes.glue"))
+    cuda = torch.cuda.is_available()
+    dtype = torch.float16 if cuda else torch.float32
+    model = build_model(dtype)
+    dm = model.get_model_object("diffusion_model")
+    concept = random_concept(*model_shapes({f"diffusion_model.{k}": tuple(v.shape) for k, v in dm.state_dict().items()}),
+                             gate=0.5)
+    keys = sorted(k for k in concept.rra)
+    lat = args.size // 8
+    reference = torch.randn(1, 4, lat, lat, generator=torch.Generator().manual_seed(1))
+    context = concept.reference_context[None]
+
+    def rra_model(cache: bool):
+        settings = pack.ReferenceSettings(cache=cache)
+        return pack.ReferenceAttention(concept, keys, reference, context, settings).patch(model)
+
+    g = torch.Generator().manual_seed(2)
+    pos = [[torch.randn(1, 77, 768, generator=g), {}]]
+    neg = [[torch.randn(1, 77, 768, generator=g), {}]]
+    sampler_node = nodes.NODE_CLASS_MAPPINGS["EqDiffEquilibratedSampler"]
+
+    def timed(fn):
+        best = float("inf")
+        for _ in range(args.repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    results = {}
+    for batch in args.batches:
+        latent = {"samples": torch.zeros(batch, 4, lat, lat)}
+        case = {}
+        with torch.inference_mode():
+            plain = lambda: nodes.common_ksampler(model, 0, args.steps, args.cfg, "ddim", "ddim_uniform", pos, neg,  # noqa: E731
+                                                  latent, disable_noise=False)
+            plain()  # warm-up (model load, kernels)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            case["ksampler_s_per_image"] = timed(plain) / batch
+            case["ksampler_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+            uncached = rra_model(cache=False)
+            run = lambda m, seed: sampler_node.execute(m, pos, neg, latent, seed, args.steps, args.cfg, 0.0)  # noqa: E731
+            run(uncached, 0)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            case["eqdiff_rra_s_per_image"] = timed(lambda: run(uncached, 0)) / batch
+            case["eqdiff_rra_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+            cached = rra_model(cache=True)
+            run(cached, 0)  # fills the cache
+            seeds = iter(range(1, 1 + args.repeats))
+            case["eqdiff_rra_cached_s_per_image"] = timed(lambda: run(cached, next(seeds))) / batch
+        case["rra_over_ksampler"] = case["eqdiff_rra_s_per_image"] / case["ksampler_s_per_image"]
+        case["cached_over_ksampler"] = case["eqdiff_rra_cached_s_per_image"] / case["ksampler_s_per_image"]
+        results[f"batch_{batch}"] = case
+
+    print(json.dumps({
+        "benchmark": "sample", "size": args.size, "steps": args.steps, "cfg": args.cfg, "dtype": str(dtype),
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "rra_layers": len(keys), "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
