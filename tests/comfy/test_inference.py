@@ -214,3 +214,33 @@ def test_reference_that_does_not_fit(gated, tiny_shapes):
     output_only = random_concept(*tiny_shapes, gate=0.5, layers=("output",))
     with pytest.raises(ValueError, match="none is in 'middle'"):
         rra_patch(m, output_only, vae, layers="middle")
+
+
+def test_other_packs_patches_and_wrappers_keep_working(gated):
+    """With a foreign attn2 patch and APPLY_MODEL wrapper the reference gets a call of its own; the
+    result equals the shared-call path, and the foreign patch and wrapper still run."""
+    import comfy.patcher_extension
+
+    m, c, vae, concept = gated
+    shared = sample(rra_patch(m, concept, vae, cache=False), c, batch=2)
+    other = m.clone()
+    calls, wrapped = [], []
+
+    def foreign_patch(n, context, value, extra_options):  # leaves the activations alone
+        calls.append(n.shape[0])
+        return n, context, value
+
+    other.set_model_attn2_patch(foreign_patch)
+
+    def foreign_wrapper(executor, *args, **kwargs):
+        wrapped.append(args[0].shape[0])
+        return executor(*args, **kwargs)
+
+    other.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "another_pack", foreign_wrapper)
+    patched = rra_patch(other, concept, vae, cache=False)
+    separate = sample(patched, c, batch=2)
+    assert calls and wrapped
+    assert reference_attention(patched).stats["reference_passes"] == 3
+    assert wrapped == [4, 4, 4]  # the foreign wrapper is outside ours: it sees each step's target call
+    assert set(calls) == {1, 4}  # inside, the reference got a call of its own (1 row) beside the 2 x 2 rows
+    assert torch.allclose(separate, shared, rtol=1e-4, atol=1e-3)  # batch shapes differ: float rounding only
