@@ -363,7 +363,8 @@ class ReferenceAttention:
             ref_x = self._reference_input(base_model, sigma, x)
             ref_ctx = self._context(c_crossattn)
             state.write = True
-            if self._can_share_call(c_concat, control, transformer_options, kwargs):
+            if ref_ctx.shape[1] == c_crossattn.shape[1] and self._can_share_call(c_concat, control,
+                                                                                   transformer_options, kwargs):
                 out = executor(torch.cat([x, ref_x]), torch.cat([t, sigma]), None,
                                torch.cat([c_crossattn, ref_ctx]), None, options, **kwargs)[:batch]
             else:

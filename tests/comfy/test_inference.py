@@ -244,3 +244,16 @@ def test_other_packs_patches_and_wrappers_keep_working(gated):
     assert wrapped == [4, 4, 4]  # the foreign wrapper is outside ours: it sees each step's target call
     assert set(calls) == {1, 4}  # inside, the reference got a call of its own (1 row) beside the 2 x 2 rows
     assert torch.allclose(separate, shared, rtol=1e-4, atol=1e-3)  # batch shapes differ: float rounding only
+
+
+def test_long_prompts_and_other_reference_contexts(gated):
+    """A 154-token prompt and a reference context of another length still run (own call if needed)."""
+    m, c, vae, concept = gated
+    long_prompt = "a photo of <testconcept> dog, " + ", ".join(["on a sunny beach with palm trees"] * 12)
+    assert encode(c, long_prompt)[0][0].shape[1] == 154
+    patched = rra_patch(m, concept, vae, cache=False)
+    out = sample(patched, c, prompt=long_prompt)
+    assert torch.isfinite(out).all() and reference_attention(patched).stats["reference_passes"] == 3
+    ref_cond = encode(c, long_prompt)
+    patched = rra_patch(m, concept, vae, cache=False, reference_conditioning=ref_cond)
+    assert torch.isfinite(sample(patched, c)).all()
