@@ -221,12 +221,6 @@ class ReferenceFeatureCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 class ReferenceAttention:
     """RRA on a MODEL: the APPLY_MODEL wrapper, the attention patches and the feature cache.
@@ -258,10 +252,7 @@ class ReferenceAttention:
         self.stats = {"reference_passes": 0, "cache_hits": 0}
         self._cast: dict = {}
 
-    def __deepcopy__(self, memo):
-        return self
-
-    def to(self, device_or_dtype):
+    def __deepcopy__(self, memo):  # model clones deep-copy their wrappers; they share this object
         return self
 
     # -- registration ----------------------------------------------------------------------------
