@@ -97,6 +97,13 @@ class RRALayer(nn.Module):
         return self.fuse(ra, sa)
 
 
+def gate_is_closed(h_r_weight: torch.Tensor, h_r_bias: torch.Tensor) -> bool:
+    """True when M^f = clamp(w . [RA, SA] + b, 0, 1) is 0 for every input (gate row w = 0, b <= 0):
+    the layer is then exactly the base layer (Eq. 9), as after zero initialisation.
+    h_r_weight: (d+1, 2d), h_r_bias: (d+1,)."""
+    return bool((h_r_weight[-1] == 0).all() and h_r_bias[-1] <= 0)
+
+
 def residual_reference_fusion(f_sa: torch.Tensor, f_ra: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Eq. 9: F_RRA = F_SA (1 - M^f) + F_RA M^f; (B, N, d), (B, N, d), (B, N, 1) -> (B, N, d)."""
     return f_sa * (1.0 - mask) + f_ra * mask

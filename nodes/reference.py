@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+import logging
+
 from ..eqdiff_core.concept import ConceptError
+from ..eqdiff_core.rra import gate_is_closed
 from .concept import Concept
 from .glue import ReferenceAttention, ReferenceSettings, attention_layers, check_choices, check_concept_fits
 
@@ -78,6 +81,10 @@ class EqDiffRRAPatch(io.ComfyNode):
         if not keys:
             raise ConceptError(f"layers: concept '{concept.name}' has RRA layers only at "
                                f"{', '.join(sorted(concept.rra))}; none is in '{layers}'.")
+        open_keys = [k for k in keys if not gate_is_closed(concept.rra[k]["h_r.weight"], concept.rra[k]["h_r.bias"])]
+        if len(open_keys) < len(keys):
+            logging.info("EqDiff RRA: %d of %d layers of concept '%s' have a closed gate (untrained); they are "
+                         "the base layers and are skipped", len(keys) - len(open_keys), len(keys), concept.name)
         if reference.shape[0] != 1:
             raise ValueError(f"reference: got a batch of {reference.shape[0]} images; connect one photo "
                              f"(Image From Batch picks one).")
@@ -91,9 +98,11 @@ class EqDiffRRAPatch(io.ComfyNode):
         else:
             raise ConceptError(f"concept '{concept.name}' holds no reference context; connect "
                                f"reference_conditioning (CLIP Text Encode of e.g. 'a photo of a dog').")
+        if not open_keys:
+            return io.NodeOutput(model)  # every gate closed: RRA is exactly the identity, no reference pass
         latent = vae.encode(reference[:, :, :, :3])
         settings = ReferenceSettings(reference_noise, noise_seed, rows, strength, start_percent, end_percent, cache)
-        return io.NodeOutput(ReferenceAttention(concept, keys, latent, context, settings).patch(model))
+        return io.NodeOutput(ReferenceAttention(concept, open_keys, latent, context, settings).patch(model))
 
 
 NODES = [EqDiffRRAPatch]

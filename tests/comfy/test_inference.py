@@ -99,9 +99,18 @@ def test_concept_for_another_model_shape_is_rejected(tiny, tiny_shapes):
         run("EqDiffApplyConcept", model=model, clip=clip, concept=narrow, strength=1.0, token="")
 
 
-def test_zero_gate_rra_is_an_exact_identity(applied):
+def test_zero_initialised_rra_is_an_exact_identity(applied):
     m, c, vae, concept = applied
     patched = rra_patch(m, concept, vae)
+    assert torch.equal(sample(patched, c, batch=2), sample(m, c, batch=2))
+
+
+def test_closed_gate_through_the_attention_path_is_an_exact_identity(applied, tiny_shapes):
+    """Random H_r whose gate clamps to 0 everywhere: the reference passes and reference attention run,
+    and the output is still bit-identical to the unpatched model's."""
+    m, c, vae, _ = applied
+    concept = random_concept(*tiny_shapes, gate=-1e4, seed=5)
+    patched = rra_patch(m, concept, vae, cache=False)
     assert torch.equal(sample(patched, c, batch=2), sample(m, c, batch=2))
     assert reference_attention(patched).stats["reference_passes"] == 3
 

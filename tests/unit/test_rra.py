@@ -74,3 +74,18 @@ def test_reference_attention_loss_forms():
     assert rra.reference_attention_loss(perfect, torch.tensor([[1.0, 0, 0]]), torch.ones(1, 2)) == 0
     with pytest.raises(ValueError, match="form must be"):
         rra.reference_attention_loss(a, m_r, m_g, form="l1")
+
+
+def test_gate_is_closed_exactly_when_the_gate_row_cannot_open():
+    layer = rra.RRALayer(4)
+    assert rra.gate_is_closed(layer.h_r.weight, layer.h_r.bias)  # zero initialisation
+    bias = layer.h_r.bias.detach().clone()
+    bias[-1] = -0.5
+    assert rra.gate_is_closed(layer.h_r.weight, bias)
+    bias[-1] = 0.1
+    assert not rra.gate_is_closed(layer.h_r.weight, bias)
+    weight = layer.h_r.weight.detach().clone()
+    weight[0, 0] = 1.0  # F_RA rows do not matter while the gate is closed
+    assert rra.gate_is_closed(weight, layer.h_r.bias)
+    weight[-1, 3] = 1e-3
+    assert not rra.gate_is_closed(weight, layer.h_r.bias)
