@@ -55,6 +55,8 @@ def main() -> int:
 
     gpu = torch.cuda.is_available() and not args.cpu
     prompt = use_checkpoint(json.loads(args.workflow.read_text()), ckpt_name)
+    if not any(n.get("class_type") == "CheckpointLoaderSimple" for n in prompt.values()):
+        print(f"[quickstart] {args.workflow.name} loads no checkpoint; {ckpt_name} is used by workflows that do")
     server = ComfyServer(args.out, cpu=not gpu, extra_model_paths=extra_paths)
     print(f"[quickstart] starting ComfyUI ({'GPU' if gpu else 'CPU'}) at {server.url}, log: {server.log_path}")
     with server:
