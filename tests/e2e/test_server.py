@@ -10,6 +10,7 @@ from PIL import Image, ImageOps
 
 from comfy_env import REPO
 from comfy_server import PromptRejected
+from numpy_reference import numpy_split
 
 FFT_WORKFLOW = json.loads((REPO / "workflows" / "api" / "fft_split.json").read_text())
 # ComfyUI 0.3.75 without torchaudio: its two audio node modules fail to import; nothing else may.
@@ -36,21 +37,6 @@ def test_object_info_lists_the_nodes_with_their_inputs(server):
     assert info["output_name"] == ["low", "high", "high preview"]
 
 
-# -- independent reference (numpy, full fft2 with centred indices) ----------------------------
-def np_low_pass(h, w, cutoff, shape):
-    ky = (np.arange(h) - h // 2) / (h / 2)
-    kx = (np.arange(w) - w // 2) / (w / 2)
-    r = np.hypot(ky[:, None], kx[None, :]) if shape == "circle" else np.maximum(
-        np.abs(ky)[:, None], np.abs(kx)[None, :])
-    return (r < cutoff).astype(np.float64)
-
-
-def np_band(x, transfer):
-    """x: (H, W, C) -> complex band image, filtering each channel."""
-    spec = np.fft.fftshift(np.fft.fft2(x, axes=(0, 1)), axes=(0, 1))
-    return np.fft.ifft2(np.fft.ifftshift(spec * transfer[..., None], axes=(0, 1)), axes=(0, 1))
-
-
 def as_saved(image):
     """SaveImage's conversion: clip(255 x) truncated to uint8."""
     return np.clip(255.0 * image, 0, 255).astype(np.uint8)
@@ -66,23 +52,20 @@ def assert_close_to_saved(path, reference, what):
 def test_fft_split_workflow_matches_numpy_reference(server):
     photo = ImageOps.exif_transpose(Image.open(server.input_dir / "backpack_dog_00.jpg")).convert("RGB")
     x = np.asarray(photo).astype(np.float64) / 255.0
-    h, w, _ = x.shape
     entry = server.run(FFT_WORKFLOW)
 
-    low = np_band(x, np_low_pass(h, w, 0.1953125, "circle")).real
-    high = x - low
-    scale = 3.0 * high.std()
-    high_preview = np.clip(0.5 + 0.5 * high / scale, 0, 1)
+    chw = x.transpose(2, 0, 1)[None]
+    to_hwc = lambda band: band[0].transpose(1, 2, 0)  # noqa: E731
+    low, high = (to_hwc(b) for b in numpy_split(chw, 50 / 256, 50 / 256, "circle", "ideal", 2, False, "signed"))
+    high_preview = np.clip(0.5 + 0.5 * high / (3.0 * high.std()), 0, 1)
     assert_close_to_saved(server.output_files(entry, "3")[0], low, "low band")
     assert_close_to_saved(server.output_files(entry, "4")[0], high_preview, "high preview")
 
-    gray = np.repeat((x * 2 - 1).mean(axis=2, keepdims=True), 3, axis=2)
-    authors_low = np.abs(np_band(gray, np_low_pass(h, w, 50 / 256, "square")))
+    authors_low, authors_high = (to_hwc(b) for b in numpy_split(chw * 2 - 1, 50 / 256, 5 / 256, "square", "ideal", 2,
+                                                                 True, "magnitude"))
     assert_close_to_saved(server.output_files(entry, "6")[0], (authors_low + 1) / 2, "authors' low band")
-    authors_high = np.abs(np_band(gray, 1 - np_low_pass(h, w, 5 / 256, "square")))
     preview = np.clip(authors_high / (authors_high.mean() + 3 * authors_high.std()), 0, 1)
     assert_close_to_saved(server.output_files(entry, "7")[0], preview, "authors' high preview")
-
 
 def split_only(**inputs):
     """The FFT workflow cut down to load -> split -> save, with some split inputs replaced."""
