@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts"), str(REPO)]
 
 from comfy_env import PACK_DIR, use_comfy  # noqa: E402
 
@@ -34,21 +33,17 @@ SD15_UNET = {
 
 
 def build_model(dtype):
-    import torch
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
+    from tiny_checkpoint import random_state_dict
+
     config = comfy.supported_models.SD15(SD15_UNET)
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=mm.get_torch_device())
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(torch.zeros_like(p) if name.endswith("bias") else torch.ones_like(p))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen).to(p) / math.sqrt(p[0].numel()))
+    shapes = {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()}
+    model.diffusion_model.load_state_dict(random_state_dict(shapes, seed=0))
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 

@@ -32,9 +32,11 @@ class EqDiffLoadConcept(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, concept_name) -> bool | str:
-        if concept_name is not None and folder_paths.get_full_path(CONCEPT_FOLDER, concept_name) is None:
-            folders = ", ".join(folder_paths.get_folder_paths(CONCEPT_FOLDER))
-            return f"concept_name: '{concept_name}' is not in {folders}; pick a file from the list"
+        if concept_name is not None:
+            try:
+                concept_path(concept_name)
+            except concept_io.ConceptError as err:
+                return f"concept_name: {err}"
         return True
 
     @classmethod

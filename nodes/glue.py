@@ -60,11 +60,12 @@ def register_model_folders() -> None:
 
 
 def concept_path(name: str) -> str:
+    """The full path of a concept file in the concept folders, or a ConceptError naming them."""
     path = folder_paths.get_full_path(CONCEPT_FOLDER, name)
     if path is None:
         folders = ", ".join(folder_paths.get_folder_paths(CONCEPT_FOLDER))
-        raise concept_io.ConceptError(f"concept file '{name}' was not found in {folders}; put the .safetensors "
-                                      f"file written by EqDiff Save Concept there and refresh the node list.")
+        raise concept_io.ConceptError(f"'{name}' is not in {folders}; pick a file from the list, or put the "
+                                      f".safetensors file written by EqDiff Save Concept there and refresh.")
     return path
 
 
@@ -202,8 +203,8 @@ class ReferenceFeatureCache:
         self._model_ref = None
 
     def _weights_key(self, base_model):
-        return (id(base_model), str(getattr(base_model, "current_weight_patches_uuid", None)),
-                str(base_model.get_dtype()))
+        # the model object itself is checked through the weakref; this is what changes on it
+        return (str(getattr(base_model, "current_weight_patches_uuid", None)), str(base_model.get_dtype()))
 
     def get(self, base_model, key):
         if self._model_ref is None or self._model_ref() is not base_model:
@@ -335,13 +336,14 @@ class ReferenceAttention:
                     transformer_options={}, **kwargs):
         base_model = executor.class_obj
         sigma = t[:1]
-        if not self._active(base_model, float(sigma)):
+        sigma_value = float(sigma)  # one device sync per call
+        if not self._active(base_model, sigma_value):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         batch = x.shape[0]
         rows = self._target_rows(batch, transformer_options)
         state = _StepState(self.layers, rows, batch)
         cache_key = (self.identity, self.settings.noise, self.settings.seed, tuple(x.shape[-2:]),
-                     round(float(sigma), 6), str(x.device))
+                     round(sigma_value, 6), str(x.device))
         cached = self.cache.get(base_model, cache_key) if self.settings.cache else None
         options = dict(transformer_options)
         options[RRA_KEY] = state
