@@ -1,0 +1,205 @@
+"""eqdiff_core.metrics: token stripping, preprocessing against the HF processors and the Custom Diffusion
+protocol's torchvision pipelines, and the metrics against cosines computed by hand (numpy) from tiny
+random-weight CLIP / DINO models built with transformers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eqdiff_core import metrics as M
+from metric_models import CLIP_BPE, write_tiny_clip, write_tiny_dino, write_tiny_dinov2
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metric_models")
+    return {"clip": write_tiny_clip(root / "clip"), "dino": write_tiny_dino(root / "dino"),
+            "dinov2": write_tiny_dinov2(root / "dinov2")}
+
+
+def smooth_photo(height, width, seed):
+    """A uint8 PIL photo with structure at several scales (upsampled noise), so that a 1 px shift
+    or another filter shows."""
+    rng = np.random.default_rng(seed)
+    coarse = (rng.random((height // 6 + 2, width // 6 + 2, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+
+
+def as_tensor(*photos):
+    return torch.stack([torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1) for p in photos]).float() / 255
+
+
+@pytest.mark.parametrize("prompt, tokens, expected", [
+    ("a <backpack_dog> backpack in the jungle", ["<backpack_dog>"], "a backpack in the jungle"),
+    ("<backpack_dog> backpack oil painting ghibli inspired", ["<backpack_dog>"], "backpack oil painting ghibli inspired"),
+    ("a photo of <cat>, <cat> cat", ["<cat>"], "a photo of, cat"),
+    ("  a   <a>   dog  ", ["<a>"], "a dog"),
+    ("a <backpack_dog>x backpack", ["<backpack_dog>"], "a <backpack_dog>x backpack"),  # part of another word
+    ("a <<tok>> dog", ["<tok>"], "a <<tok>> dog"),                                     # touches < >
+    ("a sks dog and a sksy dog", ["sks"], "a dog and a sksy dog"),
+    ("a <x> and <xy> dog", ["<x>", "<xy>"], "a and dog"),
+    ("a <x> dog", [], "a <x> dog"),
+])
+def test_strip_concept_tokens(prompt, tokens, expected):
+    assert M.strip_concept_tokens(prompt, tokens) == expected
+
+
+def test_parse_tokens():
+    assert M.parse_tokens(" <a>, <b>\n<c>  ") == ["<a>", "<b>", "<c>"]
+    assert M.parse_tokens("") == []
+
+
+@pytest.mark.parametrize("name", ["clip", "dino", "dinov2"])
+@pytest.mark.parametrize("size", [(300, 451), (512, 512), (97, 211), (768, 577)])
+def test_preprocessing_equals_the_hf_processor(folders, name, size):
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(folders[name], local_files_only=True, use_fast=False)
+    transform = M.ImageTransform.from_hf_processor(processor)
+    photo = smooth_photo(*size, seed=size[0])
+    want = processor(images=photo, return_tensors="pt")["pixel_values"]
+    got = transform(as_tensor(photo))
+    assert got.shape == want.shape == (1, 3, 224, 224)
+    diff = (got - want).abs()
+    # PIL resizes in 8 bits (rounding after each pass): a few grey levels apart at most, a third of a
+    # level on average (in units of the normalising std)
+    assert diff.max() < 3.0 / 255 / min(processor.image_std)
+    assert diff.mean() < 0.5 / 255 / min(processor.image_std)
+
+
+def test_custom_diffusion_transforms_are_the_protocols_torchvision_pipelines():
+    from torchvision import transforms as T
+
+    pipelines = {  # customconcept101/evaluate.py: CLIPImageDataset and DINOImageDataset
+        "clip": (M.CUSTOM_DIFFUSION_CLIP, T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC),
+                                                      T.CenterCrop(224), T.ToTensor(),
+                                                      T.Normalize(M.CLIP_MEAN, M.CLIP_STD)])),
+        "dino": (M.CUSTOM_DIFFUSION_DINO, T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
+                                                      T.CenterCrop(224), T.ToTensor(),
+                                                      T.Normalize(M.IMAGENET_MEAN, M.IMAGENET_STD)])),
+    }
+    for size in [(512, 512), (768, 577), (300, 451)]:  # even crop margins: torchvision rounds, HF floors
+        photo = smooth_photo(*size, seed=1)
+        for ours, theirs in pipelines.values():
+            diff = (ours(as_tensor(photo)) - theirs(photo)[None]).abs()
+            assert diff.max() < 3.0 / 255 / 0.224 and diff.mean() < 0.5 / 255 / 0.224
+
+
+def test_preprocessing_channels_and_small_images():
+    gray = torch.rand(2, 1, 40, 30)
+    out = M.CUSTOM_DIFFUSION_CLIP(gray)
+    assert out.shape == (2, 3, 224, 224) and torch.equal(out[:, 0] * M.CLIP_STD[0] + M.CLIP_MEAN[0],
+                                                          out[:, 0] * M.CLIP_STD[0] + M.CLIP_MEAN[0])
+    rgba = torch.rand(1, 4, 50, 50)
+    assert torch.equal(M.CUSTOM_DIFFUSION_DINO(rgba), M.CUSTOM_DIFFUSION_DINO(rgba[:, :3]))
+    no_resize = M.ImageTransform(crop=(8, 8))
+    padded = no_resize(torch.ones(1, 3, 5, 6))
+    # HF pads ceil(3/2)=2 rows on top and 1 column on the left
+    assert padded.shape == (1, 3, 8, 8) and padded[0, 0, 2:7, 1:7].eq(1).all() and padded.sum() == 3 * 30
+    with pytest.raises(ValueError, match="1, 3 or 4 channels"):
+        M.CUSTOM_DIFFUSION_CLIP(torch.rand(1, 2, 8, 8))
+
+
+def test_metrics_match_hand_computed_cosines(folders):
+    from transformers import CLIPModel, CLIPTokenizer, ViTModel
+
+    clip = M.ClipEncoder.load(str(folders["clip"]))
+    dino = M.DinoEncoder.load(str(folders["dino"]))
+    generated = torch.rand(3, 3, 64, 64)
+    references = torch.rand(2, 3, 96, 80)
+    prompts = ["a <tok> dog in the jungle", "a <tok> dog on the beach", "watercolor painting of a <tok> dog"]
+    result = M.evaluate(clip, dino, generated, references, prompts, ["<tok>"])
+
+    # independently: the models loaded again, the slow BPE tokenizer from ComfyUI's files, numpy cosines
+    clip_model = CLIPModel.from_pretrained(folders["clip"], local_files_only=True).eval()
+    vit = ViTModel.from_pretrained(folders["dino"], local_files_only=True, add_pooling_layer=False).eval()
+    tokenizer = CLIPTokenizer(str(CLIP_BPE / "vocab.json"), str(CLIP_BPE / "merges.txt"))
+    texts = ["a dog in the jungle", "a dog on the beach", "watercolor painting of a dog"]
+    with torch.no_grad():
+        gi = clip_model.get_image_features(pixel_values=M.CUSTOM_DIFFUSION_CLIP(generated)).numpy()
+        ri = clip_model.get_image_features(pixel_values=M.CUSTOM_DIFFUSION_CLIP(references)).numpy()
+        te = np.stack([clip_model.get_text_features(**tokenizer(t, return_tensors="pt"))[0].numpy() for t in texts])
+        gd = vit(pixel_values=M.CUSTOM_DIFFUSION_DINO(generated)).last_hidden_state[:, 0].numpy()
+        rd = vit(pixel_values=M.CUSTOM_DIFFUSION_DINO(references)).last_hidden_state[:, 0].numpy()
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    clip_t_cos = [cos(gi[i], te[i]) for i in range(3)]
+    clip_i = [[cos(gi[i], ri[j]) for j in range(2)] for i in range(3)]
+    dino_i = [[cos(gd[i], rd[j]) for j in range(2)] for i in range(3)]
+    assert result.prompts == texts
+    np.testing.assert_allclose(result.clip_t_cosine, clip_t_cos, atol=1e-5)
+    np.testing.assert_allclose(result.clip_t, [2.5 * max(c, 0.0) for c in clip_t_cos], atol=1e-5)
+    np.testing.assert_allclose(result.clip_i, np.mean(clip_i, axis=1), atol=1e-5)
+    np.testing.assert_allclose(result.dino_i, np.mean(dino_i, axis=1), atol=1e-5)
+    summary = result.summary()
+    assert summary["clip_i"] == pytest.approx(np.mean(clip_i), abs=1e-5)   # the mean over all pairs
+    assert summary["dino_i"] == pytest.approx(np.mean(dino_i), abs=1e-5)
+    assert summary["clip_t"] == pytest.approx(np.mean([2.5 * max(c, 0.0) for c in clip_t_cos]), abs=1e-5)
+    assert len({round(c, 4) for c in clip_t_cos}) == 3  # the random models do tell the inputs apart
+
+    data = json.loads(result.to_json())
+    assert data["generated"] == 3 and data["references"] == 2 and data["clip_t_weight"] == 2.5
+    assert data["clip_i"] == pytest.approx(summary["clip_i"]) and len(data["images"]) == 3
+    lines = result.to_csv().splitlines()
+    assert lines[0] == "image,prompt,clip_t,clip_t_cosine,clip_i,dino_i" and lines[-1].startswith("mean,,")
+    assert len(lines) == 5
+
+
+def test_identical_images_align_perfectly_and_batching_does_not_change_results(folders):
+    clip = M.ClipEncoder.load(str(folders["clip"]))
+    dino = M.DinoEncoder.load(str(folders["dinov2"]))
+    images = torch.rand(5, 3, 70, 90)
+    whole = M.evaluate(clip, dino, images, images[:1], ["a <t> cat"] * 5, ["<t>"], clip_t_weight=1.0)
+    chunked = M.evaluate(clip, dino, images, images[:1], ["a <t> cat"] * 5, ["<t>"], clip_t_weight=1.0,
+                         batch_size=2)
+    assert whole.clip_i[0] == pytest.approx(1.0, abs=1e-5) and whole.dino_i[0] == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(whole.clip_i, chunked.clip_i, atol=1e-5)
+    np.testing.assert_allclose(whole.dino_i, chunked.dino_i, atol=1e-5)
+    np.testing.assert_allclose(whole.clip_t, np.clip(whole.clip_t_cosine, 0, None), atol=1e-6)
+
+
+def test_model_folder_preprocessing_follows_the_folder(folders):
+    dino = M.DinoEncoder.load(str(folders["dino"]), preprocessing="model_folder")
+    assert dino.transform.resize_to == (224, 224) and dino.transform.resample == "bilinear"
+    assert dino.transform.crop is None
+    assert M.DinoEncoder.load(str(folders["dino"])).transform == M.CUSTOM_DIFFUSION_DINO
+
+
+def test_missing_or_wrong_folders_say_what_is_expected(folders, tmp_path):
+    with pytest.raises(M.MetricModelError, match=r"clip model folder '.*nowhere' does not exist.*config.json"):
+        M.ClipEncoder.load(str(tmp_path / "nowhere"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(M.MetricModelError) as err:
+        M.ClipEncoder.load(str(empty))
+    assert "lacks config.json; model.safetensors or pytorch_model.bin; tokenizer.json or vocab.json" in str(err.value)
+    with pytest.raises(M.MetricModelError, match="lacks preprocessor_config.json"):
+        (empty / "config.json").write_text('{"model_type": "vit"}')
+        (empty / "model.safetensors").write_bytes(b"")
+        M.DinoEncoder.load(str(empty), preprocessing="model_folder")
+    with pytest.raises(M.MetricModelError, match="holds a 'vit' model; it must be .*CLIP.*model_type clip"):
+        M.ClipEncoder.load(str(folders["dino"]))
+    with pytest.raises(M.MetricModelError, match="holds a 'clip' model.*model_type vit or dinov2"):
+        M.DinoEncoder.load(str(folders["clip"]))
+
+
+def test_bad_inputs(folders):
+    clip = M.ClipEncoder.load(str(folders["clip"]))
+    dino = M.DinoEncoder.load(str(folders["dino"]))
+    with pytest.raises(ValueError, match="2 generated images but 1 prompts"):
+        M.evaluate(clip, dino, torch.rand(2, 3, 8, 8), torch.rand(1, 3, 8, 8), ["a"])
+    with pytest.raises(ValueError, match="at least one"):
+        M.evaluate(clip, dino, torch.rand(1, 3, 8, 8), torch.rand(0, 3, 8, 8), ["a"])
+
+
+def test_render_table():
+    rows = [{"image": "0", "prompt": "a dog " * 20, "clip_t": 0.5}, {"image": "mean", "prompt": "", "clip_t": 0.5}]
+    image = M.render_table(rows)
+    pixels = np.asarray(image)
+    assert image.mode == "RGB" and image.width > 100 and image.height > 20
+    assert (pixels < 100).any() and (pixels == 255).any()  # text on white
