@@ -158,6 +158,7 @@ class ImageTransform:
 
 CUSTOM_DIFFUSION_CLIP = ImageTransform(shortest_edge=224, crop=(224, 224), mean=CLIP_MEAN, std=CLIP_STD)
 CUSTOM_DIFFUSION_DINO = ImageTransform(shortest_edge=256, crop=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+CUSTOM_DIFFUSION = {"clip": CUSTOM_DIFFUSION_CLIP, "dino": CUSTOM_DIFFUSION_DINO}
 
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -246,15 +247,23 @@ def _model_type(folder: str) -> str:
         raise MetricModelError(f"'{os.path.join(folder, 'config.json')}' is not a readable JSON object: {err}") from err
 
 
-def _image_transform(folder: str, preprocessing: str, protocol: ImageTransform) -> ImageTransform:
+def image_transform(folder: str, kind: str, preprocessing: str) -> ImageTransform:
+    """The preprocessing of a ``kind`` ("clip" or "dino") encoder: the Custom Diffusion protocol's, or
+    the one the folder's preprocessor_config.json describes."""
     if preprocessing not in PREPROCESSING:
         raise ValueError(f"preprocessing must be one of {', '.join(PREPROCESSING)}; got {preprocessing!r}")
     if preprocessing == "custom_diffusion":
-        return protocol
+        return CUSTOM_DIFFUSION[kind]
+    if _missing(folder, [("preprocessor_config.json",)]):
+        raise MetricModelError(f"{kind} model folder '{folder}' lacks preprocessor_config.json, which preprocessing "
+                               "'model_folder' reads; add the model's file or use 'custom_diffusion'")
     from transformers import AutoImageProcessor
 
-    return ImageTransform.from_hf_processor(AutoImageProcessor.from_pretrained(folder, local_files_only=True,
-                                                                               use_fast=False))
+    try:
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, use_fast=False)
+    except (OSError, ValueError) as err:
+        raise MetricModelError(f"{kind} model folder '{folder}': preprocessor_config.json cannot be read: {err}") from err
+    return ImageTransform.from_hf_processor(processor)
 
 
 def _batches(n: int, batch_size: int):
@@ -310,7 +319,7 @@ class ClipEncoder(ImageEncoder):
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as err:
             raise MetricModelError(f"clip model folder '{folder}' cannot be loaded: {err}") from err
-        return cls(model, tokenizer, _image_transform(folder, preprocessing, CUSTOM_DIFFUSION_CLIP))
+        return cls(model, tokenizer, image_transform(folder, "clip", preprocessing))
 
     def _embed(self, pixels):
         return self.model.get_image_features(pixel_values=pixels)
@@ -349,7 +358,7 @@ class DinoEncoder(ImageEncoder):
             model = classes[model_type].from_pretrained(folder, local_files_only=True, **extra).to(dtype)
         except (OSError, ValueError) as err:
             raise MetricModelError(f"dino model folder '{folder}' cannot be loaded: {err}") from err
-        return cls(model, _image_transform(folder, preprocessing, CUSTOM_DIFFUSION_DINO))
+        return cls(model, image_transform(folder, "dino", preprocessing))
 
     def _embed(self, pixels):
         return self.model(pixel_values=pixels).last_hidden_state[:, 0]
@@ -408,7 +417,7 @@ def evaluate(clip: ClipEncoder, dino: DinoEncoder, generated: torch.Tensor, refe
              batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> MetricsResult:
     """CLIP-T, CLIP-I and DINO-I of ``generated`` (N, C, H, W) against ``references`` (M, C, H', W'),
     with one prompt per generated image (the concept tokens are stripped here). ``on_batch(n)`` is
-    called after every chunk of n images or texts (2N + 2M + N units in all)."""
+    called after every chunk of n images or texts (3N + 2M units in all)."""
     if len(prompts) != generated.shape[0]:
         raise ValueError(f"{generated.shape[0]} generated images but {len(prompts)} prompts")
     if generated.shape[0] == 0 or references.shape[0] == 0:

@@ -25,6 +25,7 @@ from ..eqdiff_core import concept as concept_io
 from ..eqdiff_core import rra, sampling
 
 CONCEPT_FOLDER = "eqdiff"
+METRICS_FOLDER = "eqdiff_metrics"  # Hugging Face model folders for Customization Metrics (CLIP, DINO)
 RRA_KEY = "eqdiff_rra"
 
 
@@ -53,10 +54,12 @@ def check_choices(node_cls, **values) -> bool | str:
 
 
 def register_model_folders() -> None:
-    """``models/eqdiff`` for concept files, added beside any paths the user configured."""
+    """``models/eqdiff`` for concept files and ``models/eqdiff_metrics`` for metric model folders, added
+    beside any paths the user configured."""
     folder_paths.add_model_folder_path(CONCEPT_FOLDER, os.path.join(folder_paths.models_dir, CONCEPT_FOLDER))
     paths, _ = folder_paths.folder_names_and_paths[CONCEPT_FOLDER]
     folder_paths.folder_names_and_paths[CONCEPT_FOLDER] = (paths, {".safetensors"})
+    folder_paths.add_model_folder_path(METRICS_FOLDER, os.path.join(folder_paths.models_dir, METRICS_FOLDER))
 
 
 def concept_path(name: str) -> str:
