@@ -289,17 +289,28 @@ class ImageEncoder:
         raise NotImplementedError
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, batch_size: int = 32,
+    def encode_images(self, images: torch.Tensor | Sequence[torch.Tensor], batch_size: int = 32,
                       on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-        """(B, C, H, W) in [0, 1] -> (B, D) float32 embeddings (not normalised). ``on_batch(n)`` is
-        called after each chunk of n images (progress, interruption)."""
-        out = []
-        for part in _batches(images.shape[0], batch_size):
-            pixels = self.transform(images[part].to(self.device, non_blocking=True))
-            out.append(self._embed(pixels.to(self.dtype)).float())
-            if on_batch is not None:
-                on_batch(part.stop - part.start)
-        return torch.cat(out) if out else torch.empty(0, 0)
+        """(B, C, H, W) in [0, 1], or a sequence of (C, H, W) images of any sizes (encoded in batches of
+        equal size) -> (B, D) float32 embeddings (not normalised). ``on_batch(n)`` is called after each
+        chunk of n images (progress, interruption)."""
+        if torch.is_tensor(images):
+            groups = {tuple(images.shape[-2:]): (list(range(images.shape[0])), images)}
+        else:
+            by_size: dict[tuple, list[int]] = {}
+            for i, image in enumerate(images):
+                by_size.setdefault(tuple(image.shape[-2:]), []).append(i)
+            groups = {size: (idx, torch.stack([images[i] for i in idx])) for size, idx in by_size.items()}
+        out: list[torch.Tensor | None] = [None] * sum(len(idx) for idx, _ in groups.values())
+        for indices, batch in groups.values():
+            for part in _batches(batch.shape[0], batch_size):
+                pixels = self.transform(batch[part].to(self.device, non_blocking=True))
+                embeds = self._embed(pixels.to(self.dtype)).float()
+                for i, row in zip(indices[part], embeds):
+                    out[i] = row
+                if on_batch is not None:
+                    on_batch(part.stop - part.start)
+        return torch.stack(out) if out else torch.empty(0, 0)
 
 
 class ClipEncoder(ImageEncoder):
@@ -412,15 +423,17 @@ def rows_to_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def evaluate(clip: ClipEncoder, dino: DinoEncoder, generated: torch.Tensor, references: torch.Tensor,
-             prompts: Sequence[str], concept_tokens: Sequence[str] = (), clip_t_weight: float = CLIP_SCORE_WEIGHT,
-             batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> MetricsResult:
-    """CLIP-T, CLIP-I and DINO-I of ``generated`` (N, C, H, W) against ``references`` (M, C, H', W'),
-    with one prompt per generated image (the concept tokens are stripped here). ``on_batch(n)`` is
-    called after every chunk of n images or texts (3N + 2M units in all)."""
-    if len(prompts) != generated.shape[0]:
-        raise ValueError(f"{generated.shape[0]} generated images but {len(prompts)} prompts")
-    if generated.shape[0] == 0 or references.shape[0] == 0:
+def evaluate(clip: ClipEncoder, dino: DinoEncoder, generated: torch.Tensor | Sequence[torch.Tensor],
+             references: torch.Tensor | Sequence[torch.Tensor], prompts: Sequence[str],
+             concept_tokens: Sequence[str] = (), clip_t_weight: float = CLIP_SCORE_WEIGHT, batch_size: int = 32,
+             on_batch: Callable[[int], None] | None = None) -> MetricsResult:
+    """CLIP-T, CLIP-I and DINO-I of N ``generated`` images against M ``references`` (each a (B, C, H, W)
+    batch or a sequence of (C, H, W) images of any sizes), with one prompt per generated image (the
+    concept tokens are stripped here). ``on_batch(n)`` is called after every chunk of n images or
+    texts (3N + 2M units in all)."""
+    if len(prompts) != len(generated):
+        raise ValueError(f"{len(generated)} generated images but {len(prompts)} prompts")
+    if len(generated) == 0 or len(references) == 0:
         raise ValueError("need at least one generated and one reference image")
     texts = [strip_concept_tokens(p, concept_tokens) for p in prompts]
     clip_generated = clip.encode_images(generated, batch_size, on_batch)
@@ -433,7 +446,7 @@ def evaluate(clip: ClipEncoder, dino: DinoEncoder, generated: torch.Tensor, refe
     dino_i = image_alignment(dino.encode_images(generated, batch_size, on_batch),
                              dino.encode_images(references, batch_size, on_batch))
     return MetricsResult(texts, score.tolist(), cosine.tolist(), clip_i.tolist(), dino_i.tolist(),
-                         references.shape[0], clip_t_weight)
+                         len(references), clip_t_weight)
 
 
 # -- the table as an image -------------------------------------------------------------------------

@@ -163,6 +163,16 @@ def test_identical_images_align_perfectly_and_batching_does_not_change_results(f
     np.testing.assert_allclose(whole.clip_t, np.clip(whole.clip_t_cosine, 0, None), atol=1e-6)
 
 
+def test_images_of_different_sizes_keep_their_order(folders):
+    dino = M.DinoEncoder.load(str(folders["dino"]))
+    images = [torch.rand(3, 40, 50), torch.rand(3, 64, 64), torch.rand(3, 40, 50), torch.rand(3, 30, 90)]
+    seen = []
+    mixed = dino.encode_images(images, batch_size=1, on_batch=seen.append)
+    one_by_one = torch.cat([dino.encode_images(image[None]) for image in images])
+    assert torch.allclose(mixed, one_by_one, atol=1e-5) and seen == [1, 1, 1, 1]
+    assert not torch.allclose(mixed[0], mixed[2], atol=1e-3)
+
+
 def test_model_folder_preprocessing_follows_the_folder(folders):
     dino = M.DinoEncoder.load(str(folders["dino"]), preprocessing="model_folder")
     assert dino.transform.resize_to == (224, 224) and dino.transform.resample == "bilinear"
