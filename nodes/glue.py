@@ -26,6 +26,8 @@ from ..eqdiff_core import rra, sampling
 
 CONCEPT_FOLDER = "eqdiff"
 METRICS_FOLDER = "eqdiff_metrics"  # Hugging Face model folders for Customization Metrics (CLIP, DINO)
+DINO_FOLDER = "grounding-dino"  # the folder names of the common Grounded-SAM packs
+SAM_FOLDER = "sams"
 RRA_KEY = "eqdiff_rra"
 
 
@@ -60,6 +62,16 @@ def register_model_folders() -> None:
     paths, _ = folder_paths.folder_names_and_paths[CONCEPT_FOLDER]
     folder_paths.folder_names_and_paths[CONCEPT_FOLDER] = (paths, {".safetensors"})
     folder_paths.add_model_folder_path(METRICS_FOLDER, os.path.join(folder_paths.models_dir, METRICS_FOLDER))
+    register_grounding_folders()
+
+
+def register_grounding_folders() -> None:
+    """``models/grounding-dino`` and ``models/sams``, added beside the paths users or other packs
+    configured; .pth and .safetensors join the extensions another pack may already have set."""
+    for name in (DINO_FOLDER, SAM_FOLDER):
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+        paths, extensions = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | {".pth", ".safetensors"})
 
 
 def concept_path(name: str) -> str:

@@ -105,7 +105,7 @@ def small(out: Path) -> None:
     bert = out / "bert"
     write_bert(bert, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     torch.manual_seed(1)
-    args = dino_args(bert, enc_layers=1, dec_layers=2, num_queries=40, dim_feedforward=512)
+    args = dino_args(bert, enc_layers=1, dec_layers=2, num_queries=12, dim_feedforward=512)
     dino = build_dino(args)
     perturb(dino, 1)
     save_checkpoint(dino.state_dict(), out / "grounding-dino" / "tiny_swint.pth", wrap=True)

@@ -1,0 +1,472 @@
+"""Grounding Models Loader and Grounded Mask in-process, on GroundingDINO and SAM checkpoints written
+by the original libraries (tests/grounding_factory.py) and loaded through the pack's loader.
+
+Runs under transformers 4.x (.comfy/venv) and 5.x (the .comfy/tf5 overlay, see scripts/test.sh). The
+checkpoints are always built with the 4.x venv in a subprocess, since groundingdino-py needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_env import REPO
+from eqdiff_core import grounding as core
+
+FACTORY = REPO / "tests" / "grounding_factory.py"
+DEFAULTS = dict(prompt="cat . red dog", box_threshold=0.3, text_threshold=0.25, boxes="all", dilate=0, feather=0.0,
+                detect_size=128)
+
+
+# -- no network ----------------------------------------------------------------------------------
+class NetworkAccess(AssertionError):
+    pass
+
+
+def _local(address) -> bool:
+    if isinstance(address, (str, bytes)):  # AF_UNIX
+        return True
+    host = str(address[0])
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fails the test on any attempt to reach another host (connect or name lookup)."""
+    real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def connect(self, address):
+        if not _local(address):
+            raise NetworkAccess(f"network access attempted: connect to {address}")
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if not _local(address):
+            raise NetworkAccess(f"network access attempted: connect to {address}")
+        return real_connect_ex(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in (None, "localhost") and not str(host).startswith("127.") and host != "::1":
+            raise NetworkAccess(f"network access attempted: name lookup of {host}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # offline mode must not be what keeps us off the network
+    yield
+
+
+def test_network_guard_catches_connections():
+    with pytest.raises(NetworkAccess):
+        socket.create_connection(("10.255.255.1", 80), timeout=0.1)
+    with pytest.raises(NetworkAccess):
+        socket.getaddrinfo("huggingface.co", 443)
+
+
+# -- checkpoints from the original libraries -----------------------------------------------------
+@pytest.fixture(scope="session")
+def files(tmp_path_factory) -> Path:
+    """Small original-format checkpoints, a BERT folder, reference outputs and real-size shapes."""
+    out = tmp_path_factory.mktemp("grounding")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the 4.x venv, never an overlay
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(FACTORY), str(out), "--shapes"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    shutil.move(str(out / "bert"), str(out / "grounding-dino" / core.BERT_FOLDER))
+    return out
+
+
+@pytest.fixture(scope="session")
+def folders(files, registered_nodes):
+    import folder_paths
+
+    for name in ("grounding-dino", "sams"):
+        folder_paths.add_model_folder_path(name, str(files / name))
+    return files
+
+
+@pytest.fixture(scope="session")
+def loader(registered_nodes):
+    return registered_nodes["EqDiffGroundingLoader"]
+
+
+@pytest.fixture(scope="session")
+def mask_node(registered_nodes):
+    return registered_nodes["EqDiffGroundedMask"]
+
+
+@pytest.fixture(scope="session")
+def models(folders, loader):
+    with torch.inference_mode():
+        return loader.execute(grounding_dino="tiny_swint.pth", sam="tiny_vit.safetensors", device="auto",
+                              precision="auto").result[0]
+
+
+def run(node, models, image, **overrides):
+    with torch.inference_mode():
+        return node.execute(grounding=models, image=image, **{**DEFAULTS, **overrides}).result
+
+
+def images(b, h=96, w=128, seed=0):
+    return torch.rand(b, h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def query_scores(models, batch) -> torch.Tensor:
+    """(B, Q): each query's best probability over the prompt's phrase tokens, as the node scores it.
+    Random weights put these anywhere in (0, 1), so tests pick thresholds from them."""
+    models.load()
+    ids, owner = core.tokenize_phrases(models.dino.tokenizer, core.parse_phrases(DEFAULTS["prompt"]))
+    rows = []
+    for image in batch.movedim(-1, 1):  # one at a time, as the node runs them
+        probs, _ = core.dino_forward(models.dino, core.dino_inputs(image[None], DEFAULTS["detect_size"]), ids)
+        rows.append(probs[0][:, owner >= 0].max(-1).values.cpu())
+    return torch.stack(rows)
+
+
+# -- folders and loading -------------------------------------------------------------------------
+def test_registration_keeps_user_paths_and_other_extensions(registered_nodes, tmp_path):
+    import folder_paths
+
+    glue = sys.modules[registered_nodes["EqDiffGroundingLoader"].__module__.rsplit(".", 1)[0] + ".glue"]
+    user = str(tmp_path / "my-sams")
+    folder_paths.add_model_folder_path("sams", user)  # as extra_model_paths.yaml does
+    paths, exts = folder_paths.folder_names_and_paths["sams"]
+    folder_paths.folder_names_and_paths["sams"] = (paths, set(exts) | {".pt"})  # another pack's extension
+    glue.register_grounding_folders()
+    for name in ("grounding-dino", "sams"):
+        paths, exts = folder_paths.folder_names_and_paths[name]
+        assert os.path.join(folder_paths.models_dir, name) in paths
+        assert {".pth", ".safetensors"} <= exts
+    paths, exts = folder_paths.folder_names_and_paths["sams"]
+    assert user in paths and ".pt" in exts
+    paths.remove(user)
+
+
+def test_loader_lists_checkpoints_but_not_the_bert_folder(folders, loader):
+    options = {i.id: i.options for i in loader.define_schema().inputs}
+    assert {"tiny_swint.pth", "tiny_swint.safetensors"} <= set(options["grounding_dino"])
+    assert {"tiny_vit.pth", "tiny_vit.safetensors"} <= set(options["sam"])
+    assert not [o for o in options["grounding_dino"] if core.BERT_FOLDER in o]
+    assert loader.validate_inputs(grounding_dino="tiny_swint.pth", sam="tiny_vit.pth", device="auto",
+                                  precision="auto") is True
+    assert "cuda:1" in loader.validate_inputs(grounding_dino="tiny_swint.pth", sam="tiny_vit.pth", device="cuda:1",
+                                              precision="auto")
+
+
+def test_loader_reads_variants_from_weights_and_uses_model_management(models):
+    import comfy.model_patcher
+
+    assert models.dino.spec.variant == "Swin-T" and models.dino.spec.num_queries == 12
+    assert models.dino.spec.decoder_layers == 2 and models.dino.spec.encoder_ffn_dim == 512
+    assert models.sam.spec.global_attn_indexes == [1] and models.sam.spec.hidden_size == 64
+    assert isinstance(models.dino_patcher, comfy.model_patcher.ModelPatcher)
+    assert isinstance(models.sam_patcher, comfy.model_patcher.ModelPatcher)
+    assert "Swin-T" in models.describe()
+
+
+def test_pth_and_safetensors_load_the_same_weights(folders, loader):
+    with torch.inference_mode():
+        a = loader.execute(grounding_dino="tiny_swint.safetensors", sam="tiny_vit.pth", device="cpu",
+                           precision="float32").result[0]
+    b_state = dict(a.dino.model.state_dict())
+    ref = core.read_checkpoint(folders / "grounding-dino" / "tiny_swint.pth")
+    assert torch.equal(b_state["model.level_embed"], ref["transformer.level_embed"])
+    assert vars(a.sam.spec) == vars(core.sam_spec(core.read_checkpoint(folders / "sams" / "tiny_vit.safetensors")))
+
+
+def test_outputs_match_the_original_implementations(folders, models):
+    """Same weights, same inputs: transformers' models under our key mapping reproduce the original
+    groundingdino-py and segment-anything outputs."""
+    ref = torch.load(folders / "reference.pt", weights_only=True)
+    ids, owner = core.tokenize_phrases(models.dino.tokenizer, core.parse_phrases(ref["caption"]))
+    assert ids[0].tolist() == ref["input_ids"].tolist()
+    models.load()
+    probs, boxes = core.dino_forward(models.dino, ref["pixels"], ids)
+    t = ids.shape[1]
+    assert (probs.cpu() - ref["dino_probs"][..., :t]).abs().max() < 1e-3
+    assert (boxes.cpu() - ref["dino_boxes"]).abs().max() < 1e-3
+    emb = core.sam_embeddings(models.sam, ref["sam_pixels"]).float().cpu()
+    assert (emb - ref["sam_embeddings"]).abs().max() < 2e-3 * max(1.0, ref["sam_embeddings"].abs().max().item())
+    low, iou = core.sam_decode(models.sam, emb, ref["sam_boxes"])
+    assert (low.cpu() - ref["sam_low_res"][:, 0]).abs().max() < 2e-2 * max(1.0, ref["sam_low_res"].abs().max().item())
+    assert ((low.cpu() > 0) != (ref["sam_low_res"][:, 0] > 0)).float().mean() < 0.01
+
+
+# -- the mask node -------------------------------------------------------------------------------
+def test_mask_shapes_and_batch_alignment(mask_node, models):
+    batch = images(2)
+    ranked = query_scores(models, batch)[1].sort().values
+    threshold = (ranked[-3].item() + ranked[-4].item()) / 2  # three boxes on the second image
+    mask, preview, report = run(mask_node, models, batch, box_threshold=threshold, text_threshold=0.0)
+    assert mask.shape == (2, 96, 128) and mask.dtype == torch.float32
+    assert preview.shape == (2, 96, 128, 3) and 0 <= preview.min() and preview.max() <= 1
+    assert len(report.splitlines()) == 2
+    assert report.splitlines()[1].startswith("image 1: 3 box(es)") and mask[1].sum() > 0
+    assert not torch.equal(mask[0], mask[1])
+    rgba_second = torch.cat([batch[1:], torch.ones(1, 96, 128, 1)], -1)
+    alone, _, _ = run(mask_node, models, rgba_second, box_threshold=threshold, text_threshold=0.0)  # nothing shifts
+    assert torch.equal(alone[0], mask[1])
+
+
+def test_no_detection_gives_empty_masks_and_a_warning(mask_node, models, caplog):
+    batch = images(2, seed=1)
+    with caplog.at_level(logging.WARNING):
+        mask, preview, report = run(mask_node, models, batch, box_threshold=1.0)
+    assert mask.shape == (2, 96, 128) and mask.sum() == 0
+    assert report.count("nothing found") == 2
+    assert "nothing found" in caplog.text
+    assert torch.equal(preview[:, :, 0], torch.tensor([1.0, 0.0, 0.0]).expand(2, 96, 3))  # red frame
+
+
+def test_only_the_image_without_detection_is_empty(mask_node, models):
+    batch = images(2, seed=2)
+    scores = query_scores(models, batch).max(-1).values.tolist()
+    low = min(range(2), key=scores.__getitem__)
+    threshold = sum(scores) / 2
+    assert abs(scores[0] - scores[1]) > 1e-5, scores
+    mask, _, report = run(mask_node, models, batch, box_threshold=threshold, text_threshold=0.0)
+    lines = report.splitlines()
+    assert "nothing found" in lines[low] and mask[low].sum() == 0
+    assert "nothing found" not in lines[1 - low] and mask[1 - low].sum() > 0
+
+
+@pytest.mark.parametrize("boxes", ["all", "best"])
+def test_higher_threshold_never_grows_the_mask(mask_node, models, boxes):
+    batch = images(1, seed=3)
+    scores = query_scores(models, batch)[0].sort().values
+    previous, areas = None, []
+    for t in (scores[4].item(), scores[-2].item(), scores[-1].item(), 1.0):
+        mask = run(mask_node, models, batch, box_threshold=t, text_threshold=0.0, boxes=boxes, dilate=2,
+                   feather=1.0)[0]
+        if previous is not None:
+            assert (mask <= previous + 1e-6).all(), f"mask grew at box_threshold {t}"
+        previous = mask
+        areas.append(mask.sum().item())
+    assert areas[0] > areas[-1] == 0
+    text = [run(mask_node, models, batch, box_threshold=0.0, text_threshold=t, boxes=boxes)[0]
+            for t in (scores[2].item(), scores[-1].item())]
+    assert all((b <= a).all() for a, b in zip(text, text[1:]))
+
+
+def test_dilate_and_feather(mask_node, models):
+    batch = images(1, seed=4)
+    best = dict(box_threshold=0.0, text_threshold=0.0, boxes="best")
+    base = run(mask_node, models, batch, **best)[0]
+    assert 0 < base.sum() < base.numel()
+    grown = run(mask_node, models, batch, **best, dilate=3, feather=2.0)[0]
+    assert set(base.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(grown, core.refine_mask(base, 3, 2.0))
+    assert ((grown > 0) & (grown < 1)).any() and (grown[base > 0] > 0.5).all() and grown.sum() > base.sum()
+
+
+def test_progress_and_interruption(mask_node, models):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    calls = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
+    try:
+        run(mask_node, models, images(2), box_threshold=1.0)
+        assert calls == [(1, 2), (2, 2)]
+        mm.interrupt_current_processing(True)
+        with pytest.raises(mm.InterruptProcessingException):
+            run(mask_node, models, images(2), box_threshold=1.0)
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(None)
+
+
+def test_bad_inputs_name_the_input(mask_node, models):
+    assert "prompt" in mask_node.validate_inputs(boxes="all", prompt=" . , ")
+    assert "boxes" in mask_node.validate_inputs(boxes="most", prompt="dog")
+    with pytest.raises(ValueError, match="grounding"):
+        run(mask_node, object(), images(1))
+    with pytest.raises(ValueError, match="image"):
+        run(mask_node, models, torch.rand(1, 8, 8, 1))
+
+
+# -- missing and corrupt files -------------------------------------------------------------------
+def test_missing_file_names_the_folder(folders, loader):
+    with pytest.raises(ValueError, match=r"grounding_dino: 'nope.pth' is not in .*grounding-dino"):
+        loader.execute(grounding_dino="nope.pth", sam="tiny_vit.pth", device="cpu", precision="auto")
+
+
+@pytest.fixture
+def extra_folder(folders, tmp_path):
+    import folder_paths
+
+    for name in ("grounding-dino", "sams"):
+        (tmp_path / name).mkdir()
+        folder_paths.add_model_folder_path(name, str(tmp_path / name))
+    yield tmp_path
+    for name in ("grounding-dino", "sams"):
+        folder_paths.folder_names_and_paths[name][0].remove(str(tmp_path / name))
+
+
+def test_corrupt_and_wrong_files_are_clear_errors(folders, extra_folder, loader):
+    good = (folders / "grounding-dino" / "tiny_swint.pth").read_bytes()
+    (extra_folder / "grounding-dino" / "truncated.pth").write_bytes(good[: len(good) // 3])
+    (extra_folder / "grounding-dino" / "page.pth").write_bytes(b"<!DOCTYPE html><html>Not found</html>")
+    (extra_folder / "grounding-dino" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    shutil.copy(folders / "sams" / "tiny_vit.pth", extra_folder / "grounding-dino" / "sam_in_wrong_folder.pth")
+    cases = {"truncated.pth": "cannot be read as weights", "page.pth": "HTML page",
+             "broken.safetensors": "cannot be read as weights", "sam_in_wrong_folder.pth": "looks like a SAM checkpoint"}
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            loader.execute(grounding_dino=name, sam="tiny_vit.pth", device="cpu", precision="auto")
+
+
+def test_pickled_code_is_never_run(folders, extra_folder, loader, tmp_path):
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": {"x": torch.zeros(1)}, "extra": Payload()}, extra_folder / "sams" / "evil.pth")
+    with pytest.raises(ValueError, match="cannot be read as weights"):
+        loader.execute(grounding_dino="tiny_swint.pth", sam="evil.pth", device="cpu", precision="auto")
+    assert not marker.exists()
+
+
+def test_missing_bert_folder_says_where_and_what(folders, extra_folder, loader):
+    import folder_paths
+
+    shutil.copy(folders / "grounding-dino" / "tiny_swint.safetensors", extra_folder / "grounding-dino" / "nobert.safetensors")
+    bert = folders / "grounding-dino" / core.BERT_FOLDER
+    hidden = folders / "bert-hidden"
+    bert.rename(hidden)
+    try:
+        with pytest.raises(ValueError) as err:
+            loader.execute(grounding_dino="nobert.safetensors", sam="tiny_vit.pth", device="cpu", precision="auto")
+        msg = str(err.value)
+        assert "config.json" in msg and "vocab.txt" in msg and core.BERT_FOLDER in msg
+        assert str(folders / "grounding-dino") in msg and folder_paths.models_dir in msg
+    finally:
+        hidden.rename(bert)
+
+
+def test_bert_folder_checks(folders, tmp_path):
+    state = core.read_checkpoint(folders / "grounding-dino" / "tiny_swint.safetensors")
+    bert = tmp_path / core.BERT_FOLDER
+    shutil.copytree(folders / "grounding-dino" / core.BERT_FOLDER, bert)
+    vocab = (bert / "vocab.txt").read_text().splitlines()
+    vocab[101], vocab[102] = vocab[102], vocab[101]
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bert / extra).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="not bert-base-uncased's"):
+        core.build_dino(state, [tmp_path])
+    cfg = json.loads((bert / "config.json").read_text())
+    shutil.copytree(folders / "grounding-dino" / core.BERT_FOLDER, tmp_path / "b2" / core.BERT_FOLDER)
+    (tmp_path / "b2" / core.BERT_FOLDER / "config.json").write_text(json.dumps({**cfg, "hidden_size": 768}))
+    with pytest.raises(ValueError, match="hidden_size 768"):
+        core.build_dino(state, [tmp_path / "b2"])
+    no_bert = {k: v for k, v in state.items() if not k.startswith("bert.")}  # weights from the folder instead
+    dino = core.build_dino(no_bert, [folders / "grounding-dino"])
+    assert not dino.spec.has_bert
+
+
+# -- real-size variants: architecture and key mapping, on meta tensors ---------------------------
+@pytest.fixture(scope="session")
+def real_shapes(files):
+    return json.loads((files / "shapes.json").read_text())
+
+
+def _meta(shapes: dict) -> dict:
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+def _assert_fits(model, converted):
+    expected = model.state_dict()
+    converted = core.fit_names(converted, expected)
+    skip = ("relative_position_index", "position_ids", "token_type_ids", "special_tokens", "swin.layernorm")
+    missing = [k for k in expected if k not in converted and not any(s in k for s in skip)]
+    wrong = [k for k, v in expected.items() if k in converted and tuple(converted[k].shape) != tuple(v.shape)]
+    assert not missing and not wrong, (missing[:5], wrong[:5])
+
+
+@pytest.mark.parametrize("variant,name,layers,globals_", [
+    ("vit_h", "ViT-H", 32, [7, 15, 23, 31]), ("vit_l", "ViT-L", 24, [5, 11, 17, 23]), ("vit_b", "ViT-B", 12, [2, 5, 8, 11])])
+def test_sam_variants_from_weights(real_shapes, variant, name, layers, globals_):
+    from transformers import SamModel
+
+    state = _meta(real_shapes[f"sam_{variant}"])
+    spec = core.sam_spec(state)
+    assert (spec.variant, spec.num_layers, spec.global_attn_indexes, spec.window_size) == (name, layers, globals_, 14)
+    with torch.device("meta"):
+        model = SamModel(spec.config())
+    _assert_fits(model, core.convert_sam_state(state))
+
+
+@pytest.mark.parametrize("backbone,name,window,heads", [
+    ("swin_T_224_1k", "Swin-T", 7, (3, 6, 12, 24)), ("swin_B_384_22k", "Swin-B", 12, (4, 8, 16, 32))])
+def test_dino_variants_from_weights(real_shapes, files, backbone, name, window, heads):
+    from transformers import GroundingDinoForObjectDetection
+
+    tiny = core.read_checkpoint(files / "grounding-dino" / "tiny_swint.safetensors")
+    state = {k: v for k, v in tiny.items() if not k.startswith("backbone.0.")} | _meta(real_shapes[backbone])
+    embed = state["backbone.0.patch_embed.proj.weight"].shape[0]
+    for i, channels in enumerate((embed * 2, embed * 4, embed * 8, embed * 8)):  # the projections of its stages
+        w = state[f"input_proj.{i}.0.weight"]
+        state[f"input_proj.{i}.0.weight"] = torch.empty(w.shape[0], channels, *w.shape[2:], device="meta")
+    spec = core.dino_spec(state)
+    assert (spec.variant, spec.window_size, spec.num_heads) == (name, window, heads)
+    text = json.loads((files / "grounding-dino" / core.BERT_FOLDER / "config.json").read_text())
+    with torch.device("meta"):
+        model = GroundingDinoForObjectDetection(spec.config(text))
+    _assert_fits(model, core.convert_dino_state(state, spec))
+
+
+def test_a_file_of_another_kind_is_named(real_shapes):
+    with pytest.raises(ValueError, match="looks like a GroundingDINO"):
+        core.sam_spec({"transformer.level_embed": torch.empty(4, 256)})
+    with pytest.raises(ValueError, match="not an original SAM"):
+        core.sam_spec(_meta(real_shapes["swin_T_224_1k"]))
+
+
+# -- real sizes on the GPU -----------------------------------------------------------------------
+@pytest.mark.cuda
+def test_cuda_real_size_variants_load_and_run(registered_nodes, tmp_path_factory):
+    """Every supported real-size variant, random weights from the original builders, saved as .pth,
+    loaded through the loader node on CUDA (SAM in half precision) and run on a 512x512 batch."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import folder_paths
+
+    out = tmp_path_factory.mktemp("grounding-real")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **({"PYTHONPATH": os.environ["EQDIFF_TF4_PATH"]}
+                                                               if "EQDIFF_TF4_PATH" in os.environ else {}))
+    done = subprocess.run([sys.executable, str(FACTORY), str(out), "--real", "--no-small"], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    shutil.move(str(out / "bert-base-uncased"), str(out / "grounding-dino" / core.BERT_FOLDER))
+    for name in ("grounding-dino", "sams"):
+        folder_paths.add_model_folder_path(name, str(out / name), is_default=True)
+    loader, node = registered_nodes["EqDiffGroundingLoader"], registered_nodes["EqDiffGroundedMask"]
+    expected = {"groundingdino_swint_ogc.pth": "Swin-T", "groundingdino_swinb_cogcoor.pth": "Swin-B",
+                "sam_vit_h.pth": "ViT-H", "sam_vit_l.pth": "ViT-L", "sam_vit_b.pth": "ViT-B"}
+    batch = torch.rand(2, 512, 512, 3)
+    for dino_name, sam_name in (("groundingdino_swint_ogc.pth", "sam_vit_h.pth"),
+                                ("groundingdino_swinb_cogcoor.pth", "sam_vit_l.pth"),
+                                ("groundingdino_swint_ogc.pth", "sam_vit_b.pth")):
+        with torch.inference_mode():
+            models = loader.execute(grounding_dino=dino_name, sam=sam_name, device="auto", precision="auto").result[0]
+            assert models.dino.spec.variant == expected[dino_name] and models.sam.spec.variant == expected[sam_name]
+            assert next(models.sam.model.parameters()).dtype in (torch.float16, torch.bfloat16)
+            mask, preview, report = node.execute(grounding=models, image=batch, **{**DEFAULTS, "detect_size": 800,
+                                                                                    "box_threshold": 0.0}).result
+        assert next(models.dino.model.parameters()).device.type == "cuda"
+        assert mask.shape == (2, 512, 512) and preview.shape == (2, 512, 512, 3) and torch.isfinite(mask).all()
