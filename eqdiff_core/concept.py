@@ -9,6 +9,7 @@ Tensors (names in the file):
                                 ``output.3.0`` ...), params ``to_k_res``, ``to_v_res`` (d, d),
                                 ``h_r.weight`` (d+1, 2d), ``h_r.bias`` (d+1,)
     reference_context           optional (T, D) text context for the reference pass
+    train.<name>                optional optimiser state (AdamW moments), to resume training exactly
 Metadata: ``eqdiff_format`` (the version) and ``eqdiff_metadata`` (JSON: token, class word, preset
 and training settings, base model name and UNet hash, steps, loss history, ...).
 """
@@ -38,6 +39,7 @@ class Concept:
     rra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     reference_context: torch.Tensor | None = None
     metadata: dict = field(default_factory=dict)
+    training_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def token_ori(self) -> torch.Tensor:
@@ -48,12 +50,14 @@ class Concept:
     def name(self) -> str:
         return str(self.metadata.get("name", "concept"))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, with_training_state: bool = True) -> dict[str, torch.Tensor]:
         out = {"token.lf": self.token_lf, "token.hf": self.token_hf}
         out |= {f"kv.{k}": v for k, v in self.kv_deltas.items()}
         out |= {f"rra.{layer}.{p}": t for layer, params in self.rra.items() for p, t in params.items()}
         if self.reference_context is not None:
             out["reference_context"] = self.reference_context
+        if with_training_state:
+            out |= {f"train.{k}": v for k, v in self.training_state.items()}
         return out
 
     def fingerprint(self) -> str:
@@ -61,7 +65,7 @@ class Concept:
         import hashlib
 
         h = hashlib.sha256()
-        for name, t in sorted(self.tensors().items()):
+        for name, t in sorted(self.tensors(with_training_state=False).items()):
             h.update(name.encode())
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
@@ -94,24 +98,29 @@ def validate(concept: Concept, source: str = "concept") -> Concept:
     return concept
 
 
-def save(concept: Concept, path: str) -> str:
-    """Write the concept atomically (temporary file in the same folder, then rename)."""
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file atomically: a temporary file in the same folder, then a rename, so a
+    crash never leaves a half-written file under the final name."""
     from safetensors.torch import save_file
 
-    validate(concept, path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in concept.tensors().items()}
-    meta = {"eqdiff_format": str(FORMAT_VERSION), "eqdiff_metadata": json.dumps(concept.metadata)}
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     return path
+
+
+def save(concept: Concept, path: str, with_training_state: bool = True) -> str:
+    """Write the concept atomically; ``with_training_state`` keeps the optimiser state for resuming."""
+    validate(concept, path)
+    meta = {"eqdiff_format": str(FORMAT_VERSION), "eqdiff_metadata": json.dumps(concept.metadata)}
+    return write_safetensors(concept.tensors(with_training_state), path, meta)
 
 
 def load(path: str) -> Concept:
@@ -141,14 +150,17 @@ def load(path: str) -> Concept:
     if "token.lf" not in tensors or "token.hf" not in tensors:
         raise ConceptError(f"{path} lacks the token embeddings token.lf / token.hf")
     rra: dict[str, dict[str, torch.Tensor]] = {}
-    kv = {}
+    kv, training_state = {}, {}
     for name, t in tensors.items():
-        if name.startswith("kv."):
+        if name.startswith("train."):
+            training_state[name[6:]] = t
+        elif name.startswith("kv."):
             kv[name[3:]] = t
         elif name.startswith("rra."):
             layer, param = _split_rra_name(name[4:])
             rra.setdefault(layer, {})[param] = t
-    concept = Concept(tensors["token.lf"], tensors["token.hf"], kv, rra, tensors.get("reference_context"), metadata)
+    concept = Concept(tensors["token.lf"], tensors["token.hf"], kv, rra, tensors.get("reference_context"), metadata,
+                      training_state)
     return validate(concept, path)
 
 

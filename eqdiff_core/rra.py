@@ -24,6 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# which self-attention layers get RRA, by UNet part; the authors use the middle and output blocks
+RRA_LAYER_SETS = {
+    "middle+output": ("middle", "output"),
+    "output": ("output",),
+    "middle": ("middle",),
+    "all": ("input", "middle", "output"),
+}
+
 # attention(q, k, v, heads) -> out, with q (B, N, C), k/v (B, M, C), out (B, N, C)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -42,6 +50,16 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
     qh = q.reshape(b, n, heads, c // heads).transpose(1, 2)
     kh = k.reshape(k.shape[0], k.shape[1], heads, c // heads).transpose(1, 2)
     return torch.softmax(qh @ kh.transpose(-1, -2) * (c // heads) ** -0.5, dim=-1)
+
+
+def attention_with_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, for layers whose map a loss needs: (B, N, C) x (B, M, C) -> the output
+    (B, N, C) and the map averaged over heads (B, N, M)."""
+    b, n, c = q.shape
+    probs = attention_probs(q, k, heads)
+    vh = v.reshape(v.shape[0], v.shape[1], heads, c // heads).transpose(1, 2)
+    out = (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(b, n, c)
+    return out, probs.mean(dim=1)
 
 
 class RRALayer(nn.Module):
@@ -75,7 +93,7 @@ class RRALayer(nn.Module):
     def fuse(self, ra: torch.Tensor, sa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 8: H_r([RA, SA]) split into F_RA (B, N, d) and the reference mask M^f (B, N, 1)."""
         f_l = self.h_r(torch.cat([ra, sa], dim=-1))
-        return f_l[..., : self.dim], f_l[..., self.dim :].clamp(0.0, 1.0)  # phi = clamp
+        return f_l[..., : self.dim], gate_clamp(f_l[..., self.dim :])
 
     def forward(
         self,
@@ -95,6 +113,12 @@ class RRALayer(nn.Module):
             k_r, v_r = k_r.expand(q.shape[0], -1, -1), v_r.expand(q.shape[0], -1, -1)
         ra = attention(q, k_r, v_r, heads)  # SA(F^g, F^r, F^r)
         return self.fuse(ra, sa)
+
+
+def gate_clamp(g: torch.Tensor) -> torch.Tensor:
+    """phi = clamp(g, 0, 1), whose gradient passes at the bounds themselves. torch's clamp has a zero
+    gradient at g = 0 exactly, where the zero-initialised H_r puts every gate: the gate would never open."""
+    return torch.where((g >= 0.0) & (g <= 1.0), g, g.detach().clamp(0.0, 1.0))
 
 
 def gate_is_closed(h_r_weight: torch.Tensor, h_r_bias: torch.Tensor) -> bool:

@@ -6,8 +6,9 @@ from comfy_api.latest import io
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    from . import concept, frequency, grounding, metrics, reference, sampler
+    from . import concept, frequency, grounding, metrics, reference, sampler, trainer
     from .glue import register_model_folders
 
     register_model_folders()
-    return [*frequency.NODES, *concept.NODES, *reference.NODES, *sampler.NODES, *metrics.NODES, *grounding.NODES]
+    return [*frequency.NODES, *concept.NODES, *reference.NODES, *sampler.NODES, *trainer.NODES, *metrics.NODES,
+            *grounding.NODES]

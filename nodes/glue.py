@@ -3,6 +3,7 @@ CLIP, Residual Reference Attention inside ComfyUI's sampler, and the DDIM sample
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -202,6 +203,10 @@ class _StepState:
     bank: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)
     write: bool = False
+    record: frozenset = frozenset()      # layers whose reference attention maps are kept (training)
+    recorded_rows: int = 0
+    maps: dict = field(default_factory=dict)
+    placeholder_index: int = 0
 
 
 class ReferenceFeatureCache:
@@ -281,6 +286,10 @@ class ReferenceAttention:
             patched.set_model_attn1_replace(_RRAAttention(self, key), block, int(number), int(index))
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, RRA_KEY, self.apply_model)
         return patched
+
+    @property
+    def strength(self) -> float:
+        return self.settings.strength
 
     def layer(self, key: str, like: torch.Tensor) -> rra.RRALayer:
         """The RRA layer on the device and in the dtype of the activations (cast once)."""
@@ -438,9 +447,24 @@ class _RRAAttention(_PatchBase):
             return sa
         targets = slice(0, state.target_rows) if state.rows is None else state.rows.to(q.device)
         layer = self.owner.layer(self.key, q)
+        if self.key in state.record:
+            attention = _MapRecorder(state.maps, self.key, state.recorded_rows)
         f_ra, gate = layer(q[targets], sa[targets], reference.to(q.dtype), heads, attention=attention)
-        state.pending[self.key] = (targets, f_ra, gate * self.owner.settings.strength)
+        state.pending[self.key] = (targets, f_ra, gate * self.owner.strength)
         return sa
+
+
+class _MapRecorder:
+    """An attention function that also keeps the head-averaged map of the first rows under ``key``.
+    The kept map sees the queries detached: L_ra then moves the reference keys (the RRA projections)
+    and not the target features that every other trained tensor shapes."""
+
+    def __init__(self, maps: dict, key, rows: int):
+        self.maps, self.key, self.rows = maps, key, rows
+
+    def __call__(self, q, k, v, heads, **kwargs):
+        self.maps[self.key] = rra.attention_probs(q[: self.rows].detach(), k[: self.rows], heads).mean(dim=1)
+        return rra.multihead_attention(q, k, v, heads)
 
 
 class _ReferenceFuser(_PatchBase):
@@ -482,3 +506,307 @@ def ddim_sampler(eta: float) -> comfy.samplers.KSAMPLER:
 
 def ddim_schedule(model, steps: int) -> torch.Tensor:
     return sampling.ddim_sigmas(model.get_model_object("model_sampling").sigmas.float().cpu(), steps)
+
+
+# -- training --------------------------------------------------------------------------------------
+def attention_levels(diffusion_model) -> dict[str, int]:
+    """How many times the latent is halved at each transformer block: {layer key: level}."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    levels, level = {}, 0
+
+    def visit(name, number, block, lvl):
+        for module in block:
+            for index, _ in enumerate(getattr(module, "transformer_blocks", [])):
+                levels[f"{name}.{number}.{index}"] = lvl
+
+    for number, block in enumerate(diffusion_model.input_blocks):
+        visit("input", number, block, level)
+        level += sum(isinstance(m, Downsample) for m in block)
+    visit("middle", 0, diffusion_model.middle_block, level)
+    for number, block in enumerate(diffusion_model.output_blocks):
+        visit("output", number, block, level)
+        level -= sum(isinstance(m, Upsample) for m in block)
+    return levels
+
+
+def _out_of_place_clip_layer(self, x, mask=None, optimized_attention=None):
+    """ComfyUI's CLIPLayer.forward without its in-place residual adds, which autograd rejects."""
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+def _checkpointed(forward):
+    """Gradient checkpointing of one UNet layer. ComfyUI mutates transformer_options while it walks the
+    UNet, so the recomputation gets the options as they were at the first call."""
+    import torch.utils.checkpoint
+
+    def run(*args, **kwargs):
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def frozen_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A private copy of a loaded model part for training: ComfyUI's weights are inference tensors,
+    which autograd cannot save, and the user's MODEL/CLIP must stay untouched."""
+    with torch.inference_mode(False):
+        copied = copy.deepcopy(module)
+        copied.to(dtype=dtype)
+        copied.requires_grad_(False)
+        copied.eval()
+    return copied
+
+
+def weights_fingerprint(diffusion_model) -> str:
+    """A cheap digest of the UNet's weights (shapes and a strided sample of each), to tell base models apart."""
+    h = hashlib.sha256()
+    for name, t in diffusion_model.state_dict().items():
+        flat = t.detach().flatten()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _KVDelta:
+    """weight_function of a cross-attention K/V projection: W + delta while the trained UNet runs."""
+
+    def __init__(self, backend: "TrainingBackend", key: str):
+        self.backend, self.key = backend, key
+
+    def __call__(self, weight):
+        if not self.backend.kv_enabled:
+            return weight
+        return (weight.float() + self.backend.params.kv_delta(self.key)).to(weight.dtype)
+
+
+class _TokenAttention(_PatchBase):
+    """attn2 replace of a loss layer: cross-attention written out, keeping the placeholder's map."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __call__(self, q, k, v, extra_options):
+        state = extra_options.get(RRA_KEY)
+        out, probs = rra.attention_with_map(q, k, v, extra_options["n_heads"])
+        if state is not None and state.recorded_rows:
+            state.maps[("token", self.key)] = probs[: state.recorded_rows, :, state.placeholder_index]
+        return out
+
+
+class TrainingBackend:
+    """eqdiff_core.training's DiffusionBackend over a ComfyUI MODEL and CLIP.
+
+    Private copies of the UNet and the CLIP text encoder carry the gradients; the concept's K/V deltas
+    act as weight functions of the copy (off for the reference pass, which sees the base weights),
+    and RRA runs through the same attention patches as at inference.
+    """
+
+    def __init__(self, model, clip, params, settings, *, token: str, class_word: str, dtype: torch.dtype,
+                 gradient_checkpointing: bool):
+        device = comfy.model_management.get_torch_device()
+        self.device, self.dtype, self.params, self.settings = device, dtype, params, settings
+        self.autocast = dtype != torch.float32
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        source = model.get_model_object("diffusion_model")
+        self.unet = frozen_copy(source, dtype)
+        sigmas = model.get_model_object("model_sampling").sigmas.float()
+        self.alphas_cumprod = (1.0 / (1.0 + sigmas**2)).to(device)
+        self.kv_enabled = True
+        for name, module in self.unet.named_modules():
+            key = f"diffusion_model.{name}.weight"
+            if key in params.kv_keys:
+                module.weight_function = [_KVDelta(self, key)]  # an own list, not the class default
+        if gradient_checkpointing:
+            from comfy.ldm.modules.attention import SpatialTransformer
+            from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+            for module in self.unet.modules():
+                if isinstance(module, (ResBlock, SpatialTransformer)):
+                    module.forward = _checkpointed(module.forward)
+
+        levels = attention_levels(self.unet)
+        rra_output = [k for k in params.rra_keys if k.startswith("output.")]
+        loss_level = max((levels[k] for k in rra_output), default=None)
+        self.ra_layers = frozenset(k for k in rra_output if levels[k] == loss_level)
+        ca_level = loss_level if loss_level is not None else max(levels.values())
+        self.token_layers = [k for k, lvl in levels.items() if lvl == ca_level and not k.startswith("middle")]
+        self.rra = _TrainingRRA(params)
+
+        self.text = self._text_encoder(clip, dtype)
+        prompt = settings.prompt_template.format(token=token, class_word=class_word)
+        self.instance_tokens, self.placeholder_index = self._instance_tokens(clip, prompt, token)
+        with torch.inference_mode(False):
+            cond = clip.encode_from_tokens(clip.tokenize(settings.class_prompt.format(class_word=class_word)))
+            self._class_context = cond.to(device, torch.float32).clone()
+
+    @staticmethod
+    def _text_encoder(clip, dtype):
+        comfy.model_management.load_models_gpu([clip.patcher])
+        encoder = frozen_copy(clip.cond_stage_model.clip_l, dtype)
+        if clip.layer_idx is not None:
+            encoder.set_clip_options({"layer": clip.layer_idx})
+        for layer in encoder.transformer.text_model.encoder.layers:
+            layer.forward = _out_of_place_clip_layer.__get__(layer)
+        return encoder
+
+    @staticmethod
+    def _instance_tokens(clip, prompt: str, token: str):
+        marker = torch.zeros(clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1])
+        chunks = next(iter(ConceptTokenizer(clip.tokenizer, {token: marker}).tokenize_with_weights(prompt).values()))
+        if len(chunks) != 1:
+            raise ValueError(f"prompt_template: '{prompt}' is longer than one 77-token chunk; shorten it")
+        ids = [t for t, _ in chunks[0]]
+        where = [i for i, t in enumerate(ids) if torch.is_tensor(t)]
+        if len(where) != 1:
+            raise ValueError(f"prompt_template: '{prompt}' must contain the token exactly once")
+        return ids, where[0]
+
+    # -- DiffusionBackend ---------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def instance_context(self, embeddings):
+        rows = [[e if torch.is_tensor(t) else t for t in self.instance_tokens] for e in embeddings]
+        with self._autocast():
+            return self.text(rows)[0].float()
+
+    def class_context(self):
+        return self._class_context
+
+    def _options(self, state) -> dict:
+        patches = {"attn1_patch": [_ReferenceWriter(self.rra)], "attn1_output_patch": [_ReferenceFuser(self.rra)]}
+        replace = {"attn1": {_block(k): _RRAAttention(self.rra, k) for k in self.params.rra_keys}}
+        if state.recorded_rows and self.settings.cross_attention_loss_weight > 0:
+            replace["attn2"] = {_block(k): _TokenAttention(k) for k in self.token_layers}
+        return {"patches": patches, "patches_replace": replace, RRA_KEY: state}
+
+    def _unet(self, x, timesteps, context, state):
+        with self._autocast():
+            out = self.unet(x.to(self.dtype), timesteps=timesteps.float(), context=context.to(self.dtype),
+                            transformer_options=self._options(state))
+        return out.float()
+
+    def reference_features(self, x, timesteps, context):
+        state = _StepState(self.rra.layers, None, 0, write=True)
+        self.kv_enabled = False
+        try:
+            self._unet(x, timesteps, context, state)
+        finally:
+            self.kv_enabled = True
+        return state.bank
+
+    def predict(self, x, timesteps, context, reference, recorded_rows):
+        from ..eqdiff_core.training import StepOutput
+
+        state = _StepState(self.rra.layers, None, x.shape[0], bank=reference or {},
+                           record=self.ra_layers if reference else frozenset(), recorded_rows=recorded_rows,
+                           placeholder_index=self.placeholder_index)
+        noise = self._unet(x, timesteps, context, state)
+        ra = [state.maps[k] for k in sorted(self.ra_layers) if k in state.maps]
+        token = [v for k, v in state.maps.items() if isinstance(k, tuple)]
+        return StepOutput(noise, torch.stack(ra).mean(0) if ra else None,
+                          torch.stack(token).mean(0) if token else None)
+
+
+def _block(key: str) -> tuple[str, int, int]:
+    block, number, index = key.split(".")
+    return block, int(number), int(index)
+
+
+class _TrainingRRA:
+    """The owner the RRA patches ask for their layer while training: the trainable ones, uncast
+    (autocast casts inside)."""
+
+    strength = 1.0
+
+    def __init__(self, params):
+        self.params = params
+        self.layers = {k: None for k in params.rra_keys}
+
+    def layer(self, key, like):
+        return self.params.rra_layer(key)
+
+
+def _resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """IMAGE (B, H, W, C) -> (B, 3, R, R) in [-1, 1] on the compute device (squashed to a square, as the
+    authors do; crop upstream to keep the aspect ratio)."""
+    x = image_to_bchw(images[..., :3].float())
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return x * 2.0 - 1.0
+
+
+def _encode(model, vae, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, R, R) in [-1, 1] (any range: magnitude bands exceed 1) -> UNet-space latents (B, 4, R/8, R/8)."""
+    latent = vae.encode(((pixels + 1.0) / 2.0).movedim(1, -1))
+    return model.model.process_latent_in(latent.to(comfy.model_management.get_torch_device(), torch.float32))
+
+
+def training_data(model, vae, images, masks, class_images, settings, resolution: int):
+    """Everything the steps reuse: VAE latents of the photos and of their bands, the masks at latent
+    size, the canvas latent and the class images' latents (eqdiff_core.training.TrainingData)."""
+    from ..eqdiff_core import training
+
+    with torch.inference_mode(False), torch.no_grad():
+        pixels = _resize_images(images, resolution)
+        low, high = training.frequency_bands(pixels, settings)
+        latents = torch.stack([_encode(model, vae, low), _encode(model, vae, high), _encode(model, vae, pixels)])
+        size = tuple(latents.shape[-2:])
+        m = F.interpolate(masks[:, None].float().to(latents.device), size=(resolution, resolution), mode="area")[:, 0]
+        loss_masks = training.latent_mask(m, size, settings.dilate_iterations, settings.dilate_kernel)
+        subject = training.latent_mask(m, size)
+        canvas = _encode(model, vae, torch.zeros_like(pixels[:1]))[0]
+        prior = None
+        if class_images is not None:
+            cls_pixels = _resize_images(class_images, resolution)
+            c_low, c_high = training.frequency_bands(cls_pixels, settings)
+            prior = torch.stack([_encode(model, vae, c_low), _encode(model, vae, c_high),
+                                 _encode(model, vae, cls_pixels)], dim=1)
+        return training.TrainingData(latents.clone(), loss_masks.clone(), subject.clone(), canvas.clone(),
+                                     None if prior is None else prior.clone())
+
+
+def initial_parameters(model, clip, settings, resume=None):
+    """The trained tensors at step 0: both embeddings from ``settings.init_token``, zero K/V deltas,
+    RRA layers whose reference projections start as the layer's K/V and whose H_r is zero. With a
+    concept to resume from, its tensors."""
+    from ..eqdiff_core import training
+
+    if resume is not None:
+        return training.ConceptParameters.from_concept(resume)
+    diffusion_model = model.get_model_object("diffusion_model")
+    weights = diffusion_model.state_dict()
+    kv = {}
+    if settings.train_kv:
+        kv = {f"diffusion_model.{k}": torch.zeros(v.shape) for k, v in weights.items()
+              if re.search(r"attn2\.to_[kv]\.weight$", k)}
+    layers = {}
+    if settings.train_rra:
+        wanted = rra.RRA_LAYER_SETS[settings.rra_layers]
+        for layer in attention_layers(diffusion_model):
+            if layer.block in wanted:
+                prefix = _layer_prefix(diffusion_model, layer)
+                layers[layer.key] = rra.RRALayer.from_self_attention(
+                    weights[f"{prefix}.attn1.to_k.weight"].float().cpu().clone(),
+                    weights[f"{prefix}.attn1.to_v.weight"].float().cpu().clone())
+    embeddings = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
+    tokens = next(iter(clip.tokenizer.tokenize_with_weights(settings.init_token).values()))[0]
+    first = tokens[1][0]  # after the start token
+    init = embeddings[first].detach().float().cpu().clone()
+    with torch.inference_mode(False):
+        return training.ConceptParameters(init, init, kv, layers)
+
+
+def _layer_prefix(diffusion_model, layer: AttentionLayer) -> str:
+    """The state-dict prefix of a transformer block, e.g. output_blocks.3.1.transformer_blocks.0."""
+    blocks = {"input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}[layer.block]
+    container = diffusion_model.middle_block if layer.block == "middle" else getattr(diffusion_model, blocks)[layer.number]
+    for i, module in enumerate(container):
+        if hasattr(module, "transformer_blocks"):
+            base = f"{blocks}.{i}" if layer.block == "middle" else f"{blocks}.{layer.number}.{i}"
+            return f"{base}.transformer_blocks.{layer.index}"
+    raise KeyError(layer.key)

@@ -7,16 +7,10 @@ from comfy_api.latest import io
 import logging
 
 from ..eqdiff_core.concept import ConceptError
+from ..eqdiff_core.rra import RRA_LAYER_SETS as LAYER_SETS
 from ..eqdiff_core.rra import gate_is_closed
 from .concept import Concept
 from .glue import ReferenceAttention, ReferenceSettings, attention_layers, check_choices, check_concept_fits
-
-LAYER_SETS = {
-    "middle+output": ("middle", "output"),
-    "output": ("output",),
-    "middle": ("middle",),
-    "all": ("input", "middle", "output"),
-}
 
 
 class EqDiffRRAPatch(io.ComfyNode):

@@ -89,3 +89,19 @@ def test_gate_is_closed_exactly_when_the_gate_row_cannot_open():
     assert rra.gate_is_closed(weight, layer.h_r.bias)
     weight[-1, 3] = 1e-3
     assert not rra.gate_is_closed(weight, layer.h_r.bias)
+
+
+def test_gate_clamp_passes_gradient_at_the_bounds():
+    g = torch.tensor([-0.5, 0.0, 0.3, 1.0, 1.5], requires_grad=True)
+    out = rra.gate_clamp(g)
+    assert torch.equal(out.detach(), g.detach().clamp(0, 1))
+    out.sum().backward()
+    assert g.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_zero_initialised_gate_receives_a_gradient():
+    layer = rra.RRALayer(8)
+    q, sa, ref = torch.randn(1, 5, 8), torch.randn(1, 5, 8), torch.randn(1, 6, 8)
+    f_ra, gate = layer(q, sa, ref, heads=2)
+    rra.residual_reference_fusion(sa * 2.0, f_ra, gate).sum().backward()
+    assert layer.h_r.weight.grad[-1].abs().max() > 0 and layer.h_r.bias.grad[-1] != 0

@@ -1,0 +1,353 @@
+"""FDTE Trainer, its options and Save Concept: learn a subject from a few photos and their masks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import fields
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..eqdiff_core import concept as concept_io
+from ..eqdiff_core import frequency, rra, training
+from ..eqdiff_core.plot import loss_curve
+from .concept import Concept
+from .glue import (CONCEPT_FOLDER, TrainingBackend, apply_concept_to_clip, apply_concept_to_model, check_choices,
+                   check_concept_fits, initial_parameters, training_data, weights_fingerprint)
+
+TrainOptions = io.Custom("EQDIFF_TRAIN_OPTIONS")
+PRESET = "preset"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+OPTION_TOOLTIPS = {
+    "p_low": "Probability of the low-frequency branch (S*_LF on the photo's low band), Eq. 5.",
+    "p_high": "Probability of the high-frequency branch (S*_HF on the photo's high band).",
+    "p_original": "Probability of the original branch (S*_LF + S*_HF on the photo).",
+    "branches_on_prior": "Draw branches for the class images too (the authors' code does).",
+    "filter_shape": "Frequency filter: square box (the authors' code) or circle (the paper, Eq. 4).",
+    "filter_profile": "Filter edge: ideal (hard), gaussian or butterworth.",
+    "grayscale": "Split the grayscale image (the authors' code) instead of each colour channel.",
+    "band_output": "magnitude |IFFT| (the authors' code) or the signed band (the paper).",
+    "low_cutoff_bins": "The low band keeps frequencies below this many FFT bins on a 512 grid (authors: 50).",
+    "high_cutoff_bins": "The high band drops frequencies below this many bins on a 512 grid (authors: 5).",
+    "init_token": "Both embeddings start as this word's (first token's) embedding; a rare token.",
+    "train_kv": "Train the cross-attention K/V of every layer (Custom Diffusion), as the authors do.",
+    "train_rra": "Train the RRA layers (reference projections and H_r).",
+    "rra_layers": "Which self-attention layers get RRA (authors: middle+output).",
+    "mask_noise": "MGDP noising, Eq. 6: only the subject is noised, the background stays clean.",
+    "masked_loss": "MGDP loss, Eq. 7: the noise prediction counts only inside the (dilated) mask.",
+    "dilate_iterations": "How often the latent-size mask is dilated with a max-pool (authors: 5).",
+    "dilate_kernel": "Size of that max-pool, odd (authors: 5).",
+    "reference_timestep_offset": "The reference is noised at t - offset (authors: 2; the paper: 0).",
+    "reference_augment": "Scale / paste / crop the reference photo at random (the authors' augmentation).",
+    "ra_loss_weight": "Weight of L_ra, Eq. 10 (authors: 0.1).",
+    "ra_loss_form": "L_ra as the authors' code computes it, or the norm written in the paper.",
+    "cross_attention_loss_weight": "Weight of the token's cross-attention mask loss (authors: 0.1; paper: 0).",
+    "prior_loss_weight": "Weight of the prior-preservation loss on the class images.",
+    "weight_decay": "AdamW weight decay (authors: 0.01).",
+    "max_grad_norm": "Gradient clipping of K/V and RRA (authors: 1.0; 0 = off).",
+    "resolution": "Training resolution; photos are resized to a square of this side.",
+    "prompt_template": "The training prompt; {token} and {class_word} are filled in.",
+    "class_prompt": "Prompt of the class images and of the reference pass; {class_word} is filled in.",
+}
+OPTION_CHOICES = {
+    "filter_shape": frequency.SHAPES, "filter_profile": frequency.PROFILES, "band_output": frequency.OUTPUTS,
+    "rra_layers": tuple(rra.RRA_LAYER_SETS), "ra_loss_form": ("official", "paper"),
+}
+
+
+def _option_inputs() -> list:
+    """One input per TrainingSettings field; its neutral value (-1, "preset", "") keeps the preset's."""
+    inputs = []
+    for f in fields(training.TrainingSettings):
+        tip = OPTION_TOOLTIPS[f.name]
+        if f.type == "bool":
+            inputs.append(io.Combo.Input(f.name, options=[PRESET, "on", "off"], default=PRESET, tooltip=tip))
+        elif f.name in OPTION_CHOICES:
+            inputs.append(io.Combo.Input(f.name, options=[PRESET, *OPTION_CHOICES[f.name]], default=PRESET, tooltip=tip))
+        elif f.type == "float":
+            inputs.append(io.Float.Input(f.name, default=-1.0, min=-1.0, max=1000.0, step=0.01,
+                                         tooltip=tip + " -1 = the preset's value."))
+        elif f.type == "int":
+            inputs.append(io.Int.Input(f.name, default=-1, min=-1, max=4096, tooltip=tip + " -1 = the preset's value."))
+        else:
+            inputs.append(io.String.Input(f.name, default="", tooltip=tip + " Empty = the preset's value."))
+    return inputs
+
+
+def _overrides(values: dict) -> dict:
+    out = {}
+    for f in fields(training.TrainingSettings):
+        v = values.get(f.name)
+        if v is None or v == PRESET or v == "" or (f.type in ("float", "int") and v == -1):
+            continue
+        out[f.name] = (v == "on") if f.type == "bool" else v
+    return out
+
+
+class EqDiffTrainerOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EqDiffTrainerOptions",
+            display_name="FDTE Trainer Options",
+            category="EqDiff/training",
+            description="Overrides single knobs of the FDTE Trainer's preset. Every input left at 'preset', -1 or "
+            "empty keeps the preset's value.",
+            inputs=_option_inputs(),
+            outputs=[TrainOptions.Output("options", display_name="options", tooltip="Connect to the FDTE Trainer.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        choices = check_choices(cls, **{k: v for k, v in values.items()
+                                        if k in OPTION_CHOICES or isinstance(v, str) and v in (PRESET, "on", "off")})
+        if choices is not True:
+            return choices
+        try:
+            training.settings_for("official", **_overrides(values))
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def execute(cls, **values) -> io.NodeOutput:
+        return io.NodeOutput(_overrides(values))
+
+
+class EqDiffFDTETrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EqDiffFDTETrainer",
+            display_name="FDTE Trainer",
+            category="EqDiff/training",
+            description="Learns a subject from 3-6 photos and their masks (EqDiff: frequency-aware token "
+            "embeddings S*_LF / S*_HF, cross-attention K/V and RRA layers, with mask-guided noising and loss). "
+            "Outputs the concept and the MODEL/CLIP with it applied. Stop it at any time: the last good state "
+            "is saved to models/eqdiff/<name>.autosave.safetensors and can be resumed.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x model to learn on (without a concept applied)."),
+                io.Clip.Input("clip", tooltip="Its CLIP."),
+                io.Vae.Input("vae", tooltip="Its VAE, to encode the photos."),
+                io.Image.Input("images", tooltip="3-6 photos of the subject, as one batch."),
+                io.Mask.Input("masks", tooltip="One subject mask per photo, same order (e.g. from Grounded Mask)."),
+                io.String.Input("class_word", default="dog",
+                                tooltip="What the subject is, e.g. dog, backpack, cat toy."),
+                io.String.Input("name", default="my_concept",
+                                tooltip="The concept's name; its prompt token is <name>. Letters, digits, _ . -"),
+                io.Int.Input("steps", default=600, min=1, max=100000, tooltip="Training steps (the paper: 600)."),
+                io.Float.Input("learning_rate", default=4e-5, min=0.0, max=1.0, step=1e-6,
+                               tooltip="AdamW learning rate (the authors' effective rate: 4e-5; the paper states 1e-5)."),
+                io.Int.Input("batch_size", default=2, min=1, max=64,
+                             tooltip="Photos per step (plus as many class images when given)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed of every random draw; a resumed run with the same seed continues exactly."),
+                io.Combo.Input("precision", options=["bf16", "fp32"], default="bf16",
+                               tooltip="bf16: mixed precision (fast, on GPUs with bf16). fp32: the authors' setting."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute activations in the backward pass: much less memory, slower."),
+                io.Combo.Input("preset", options=list(training.PRESETS), default="official",
+                               tooltip="official: the authors' code (the paper's numbers). paper: the text as written."),
+                io.Image.Input("class_images", optional=True,
+                               tooltip="Images of the class (e.g. other dogs) for prior preservation."),
+                TrainOptions.Input("options", optional=True, tooltip="Knob overrides from FDTE Trainer Options."),
+                Concept.Input("resume_from", optional=True,
+                              tooltip="Continue training this concept (e.g. an autosave); its optimiser state, "
+                              "when saved, makes it continue as an uninterrupted run."),
+                io.Int.Input("save_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Save to models/eqdiff/<name>.autosave.safetensors every this many steps (0 = "
+                             "only when stopped or failed)."),
+            ],
+            outputs=[
+                Concept.Output("concept", display_name="concept", tooltip="The learned concept."),
+                io.Model.Output("concept_model", display_name="model", tooltip="The MODEL with the concept's K/V."),
+                io.Clip.Output("concept_clip", display_name="clip", tooltip="The CLIP that knows <name>."),
+                io.Image.Output("loss_plot", display_name="loss plot", tooltip="The loss per step."),
+                io.String.Output("concept_token", display_name="token", tooltip="The token to write in prompts."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, precision=None, preset=None, name=None, **_) -> bool | str:
+        ok = check_choices(cls, precision=precision, preset=preset)
+        if ok is not True:
+            return ok
+        if name is not None and not NAME_PATTERN.match(name):
+            return f"name: {name!r} must start with a letter or digit and hold only letters, digits, _ . -"
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, masks, class_word, name, steps, learning_rate, batch_size, seed,
+                precision, gradient_checkpointing, preset, class_images=None, options=None, resume_from=None,
+                save_every=0) -> io.NodeOutput:
+        with torch.inference_mode(False):
+            return cls._train(model, clip, vae, images, masks, class_word.strip(), name, steps, learning_rate,
+                              batch_size, seed, precision, gradient_checkpointing, preset, class_images,
+                              options or {}, resume_from, save_every or 0)
+
+    @classmethod
+    def _train(cls, model, clip, vae, images, masks, class_word, name, steps, learning_rate, batch_size, seed,
+               precision, gradient_checkpointing, preset, class_images, options, resume, save_every):
+        _check_inputs(images, masks, class_word, learning_rate)
+        settings = training.settings_for(preset, **options)
+        dtype = _training_dtype(precision)
+        token = f"<{name}>"
+        if resume is not None:
+            check_concept_fits(resume, model, clip)
+        params = initial_parameters(model, clip, settings, resume)
+        start = int(resume.metadata.get("training_step", 0)) if resume is not None and resume.training_state else 0
+        history = list(resume.metadata.get("loss_history", [])) if resume is not None else []
+        data = training_data(model, vae, images, masks, class_images, settings, settings.resolution)
+        params.to(data.latents.device)
+        optimizer = training.make_optimizer(params, learning_rate, settings)
+        if resume is not None and resume.training_state:
+            training.load_optimizer_state(optimizer, params, resume.training_state)
+        backend = TrainingBackend(model, clip, params, settings, token=token, class_word=class_word, dtype=dtype,
+                                  gradient_checkpointing=gradient_checkpointing)
+        reference_context = backend.class_context()[0]
+        metadata = {"name": name, "token": token, "class_word": class_word, "preset": preset,
+                    "settings": settings.to_dict(), "learning_rate": learning_rate, "batch_size": batch_size,
+                    "seed": seed, "precision": precision, "steps": steps, "photos": int(images.shape[0]),
+                    "class_images": 0 if class_images is None else int(class_images.shape[0]),
+                    "base_model": type(model.model).__name__ + "/" + type(model.model.model_config).__name__,
+                    "base_model_hash": weights_fingerprint(model.get_model_object("diffusion_model"))}
+        autosave = os.path.join(folder_paths.get_folder_paths(CONCEPT_FOLDER)[0], f"{name}.autosave.safetensors")
+        progress = comfy.utils.ProgressBar(steps)
+        progress.update_absolute(start, steps)
+        done = {"step": start}
+
+        def snapshot(step_count: int) -> concept_io.Concept:
+            concept = params.to_concept({**metadata, "training_step": step_count, "loss_history": history},
+                                        reference_context)
+            concept.training_state = training.optimizer_state(optimizer, params)
+            return concept
+
+        def on_step(step: int, parts: dict) -> None:
+            history.append(parts["loss"])
+            done["step"] = step + 1
+            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+                concept_io.save(snapshot(step + 1), autosave)
+            preview = None
+            if (step + 1) % 25 == 0 or step + 1 == steps:
+                from PIL import Image
+
+                plot = loss_curve(history, 384, 192)
+                preview = ("PNG", Image.fromarray((plot.numpy() * 255).astype("uint8")), 384)
+            progress.update_absolute(step + 1, steps, preview)
+            if (step + 1) % 50 == 0:
+                logging.info("EqDiff trainer: step %d/%d, loss %.5f", step + 1, steps, parts["loss"])
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        try:
+            training.train(params, backend, data, settings, optimizer, steps=steps, batch_size=batch_size, seed=seed,
+                           start_step=start, on_step=on_step)
+        except training.NonFiniteLoss as err:
+            concept_io.save(snapshot(err.step), autosave)
+            raise ValueError(f"learning_rate: the loss became NaN or infinite at step {err.step + 1}; the last good "
+                             f"state (step {err.step}) is saved as {os.path.basename(autosave)}. Resume from it "
+                             f"(Load Concept -> resume_from) with a lower learning rate, or use precision fp32.") from None
+        except comfy.model_management.InterruptProcessingException:
+            concept_io.save(snapshot(done["step"]), autosave)
+            logging.warning("EqDiff trainer stopped at step %d; saved %s", done["step"], autosave)
+            raise
+        finally:
+            del backend
+            comfy.model_management.soft_empty_cache()
+        concept = snapshot(done["step"])
+        return io.NodeOutput(concept, apply_concept_to_model(model, concept, 1.0),
+                             apply_concept_to_clip(clip, concept, token), loss_curve(history)[None], token)
+
+
+def _check_inputs(images, masks, class_word, learning_rate) -> None:
+    if images.ndim != 4 or images.shape[0] < 1:
+        raise ValueError(f"images: expected a batch of photos (B, H, W, C), got shape {tuple(images.shape)}")
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.shape[0] != images.shape[0]:
+        raise ValueError(f"masks: {masks.shape[0]} masks for {images.shape[0]} photos; give one mask per photo, in "
+                         f"the same order (Grounded Mask makes them from the same batch).")
+    empty = [i for i in range(masks.shape[0]) if float(masks[i].max()) <= 0.0]
+    if empty:
+        raise ValueError(f"masks: the mask of photo {', '.join(str(i + 1) for i in empty)} is empty; the subject must "
+                         f"be marked in every photo (lower the Grounded Mask threshold or drop that photo).")
+    if images.shape[0] == 1:
+        logging.warning("EqDiff trainer: one photo only; it is its own RRA reference. The paper uses 3-6 photos.")
+    if not class_word:
+        raise ValueError("class_word: empty; say what the subject is, e.g. dog or backpack")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate: must be positive, got {learning_rate} (the authors use 4e-5)")
+
+
+def _training_dtype(precision: str) -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    device = comfy.model_management.get_torch_device()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("precision: this GPU has no bf16; choose fp32")
+    return torch.bfloat16
+
+
+class EqDiffSaveConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EqDiffSaveConcept",
+            display_name="Save Concept",
+            category="EqDiff",
+            description="Writes the concept to models/eqdiff/<name>.safetensors (atomically), for Load Concept. "
+            "Optionally also S*_ori = S*_LF + S*_HF as a textual-inversion embedding for 'embedding:<name>' in any "
+            "CLIP Text Encode (the token only; the K/V and RRA need Apply Concept).",
+            is_output_node=True,
+            inputs=[
+                Concept.Input("concept", tooltip="From the FDTE Trainer or Load Concept."),
+                io.String.Input("name", default="my_concept",
+                                tooltip="File name without extension. Letters, digits, _ . -"),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing file; otherwise a number is appended (name_001)."),
+                io.Boolean.Input("save_embedding", default=False,
+                                 tooltip="Also write models/embeddings/<name>.safetensors (S*_ori)."),
+                io.Boolean.Input("keep_training_state", default=False,
+                                 tooltip="Keep the optimiser state (about twice the file size) so training can "
+                                 "resume exactly."),
+            ],
+            outputs=[io.String.Output("concept_name", display_name="concept name",
+                                      tooltip="The file name, as Load Concept lists it.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, name=None, **_) -> bool | str:
+        if name is not None and not NAME_PATTERN.match(name):
+            return f"name: {name!r} must start with a letter or digit and hold only letters, digits, _ . -"
+        return True
+
+    @classmethod
+    def execute(cls, concept, name, overwrite, save_embedding, keep_training_state) -> io.NodeOutput:
+        folder = folder_paths.get_folder_paths(CONCEPT_FOLDER)[0]
+        stem = name if overwrite else _free_stem(folder, name, ".safetensors")
+        concept.metadata = {**concept.metadata, "name": stem}
+        concept_io.save(concept, os.path.join(folder, f"{stem}.safetensors"), keep_training_state)
+        if save_embedding:
+            embeddings = folder_paths.get_folder_paths("embeddings")[0]
+            emb_stem = stem if overwrite else _free_stem(embeddings, stem, ".safetensors")
+            concept_io.write_safetensors({"clip_l": concept.token_ori.float()[None]},
+                                         os.path.join(embeddings, f"{emb_stem}.safetensors"))
+        return io.NodeOutput(f"{stem}.safetensors")
+
+
+def _free_stem(folder: str, stem: str, ext: str) -> str:
+    if not os.path.exists(os.path.join(folder, stem + ext)):
+        return stem
+    n = 1
+    while os.path.exists(os.path.join(folder, f"{stem}_{n:03d}{ext}")):
+        n += 1
+    return f"{stem}_{n:03d}"
+
+
+NODES = [EqDiffFDTETrainer, EqDiffTrainerOptions, EqDiffSaveConcept]

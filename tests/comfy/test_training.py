@@ -1,0 +1,327 @@
+"""The FDTE trainer on the tiny checkpoint through real ComfyUI: the step, the node, resume, failures."""
+
+import os
+
+import pytest
+import torch
+
+from comfy_env import use_comfy
+
+use_comfy()
+
+SIZE = 64
+
+
+def photos(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, SIZE, SIZE, 3, generator=g)
+    masks = torch.zeros(n, SIZE, SIZE)
+    masks[:, 16:48, 20:44] = 1.0
+    return images, masks
+
+
+def run_trainer(nodes, tiny, steps=2, **kw):
+    model, clip, vae = tiny
+    images, masks = kw.pop("photos", photos())
+    args = dict(model=model, clip=clip, vae=vae, images=images, masks=masks, class_word="dog", name="unit",
+                steps=steps, learning_rate=1e-3, batch_size=1, seed=0, precision="fp32",
+                gradient_checkpointing=False, preset="official", options={"resolution": SIZE})
+    args.update(kw)
+    return nodes["EqDiffFDTETrainer"].execute(**args).args
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack's own modules as ComfyUI imported them."""
+    import sys
+
+    name = next(n for n in sys.modules if n.endswith("eqdiff-nodes.nodes.glue"))
+    root = name[: -len(".nodes.glue")]
+    return sys.modules[name], sys.modules[root + ".eqdiff_core.training"]
+
+
+@pytest.fixture(scope="module")
+def session(registered_nodes, tiny, pack):
+    """A training session on the tiny model: parameters, data, backend (fp32, 64 px)."""
+    glue, training = pack
+    model, clip, vae = tiny
+    settings = training.settings_for("official", resolution=SIZE)
+    images, masks = photos()
+    with torch.inference_mode(False):
+        params = glue.initial_parameters(model, clip, settings)
+        data = glue.training_data(model, vae, images, masks, None, settings, SIZE)
+        backend = glue.TrainingBackend(model, clip, params, settings, token="<unit>", class_word="dog",
+                                       dtype=torch.float32, gradient_checkpointing=False)
+    return params, data, backend, settings
+
+
+def unet_weights(model):
+    return {k: v.clone() for k, v in model.get_model_object("diffusion_model").state_dict().items()}
+
+
+def test_frozen_weights_are_untouched_and_only_the_concept_changes(registered_nodes, tiny):
+    model, clip, vae = tiny
+    before = (unet_weights(model), {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()},
+              {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()})
+    concept, out_model, out_clip, plot, token = run_trainer(registered_nodes, tiny, steps=2)
+    after = (unet_weights(model), clip.cond_stage_model.state_dict(), vae.first_stage_model.state_dict())
+    for b, a in zip(before, after):
+        assert b.keys() == a.keys() and all(torch.equal(b[k], a[k]) for k in b)
+    assert token == "<unit>" and plot.shape[0] == 1 and plot.shape[-1] == 3
+    assert concept.metadata["training_step"] == 2 and len(concept.metadata["loss_history"]) == 2
+    assert concept.reference_context.shape == (77, 768)
+    assert any(float(d.abs().max()) > 0 for d in concept.kv_deltas.values())
+    assert any(float(p["h_r.weight"].abs().max()) > 0 for p in concept.rra.values())
+    assert out_model is not model and out_clip is not clip and len(out_model.patches) == len(concept.kv_deltas)
+
+
+def test_training_works_inside_inference_mode(registered_nodes):
+    """The server runs nodes under torch.inference_mode and loads weights as inference tensors."""
+    import nodes
+
+    with torch.inference_mode():
+        loaded = nodes.CheckpointLoaderSimple().load_checkpoint("eqdiff_tiny_sd15.safetensors")[:3]
+        concept = run_trainer(registered_nodes, loaded, steps=1)[0]
+    assert concept.metadata["training_step"] == 1 and all(torch.isfinite(t).all() for t in concept.tensors().values())
+
+
+def test_loss_falls_when_overfitting_a_fixed_batch(session, pack):
+    _, training = pack
+    params, data, backend, settings = session
+    with torch.inference_mode(False):
+        fresh = type(params).from_concept(params.to_concept({}))
+        backend.params = fresh
+        backend.rra.params = fresh
+        try:
+            opt = training.make_optimizer(fresh, 1e-2, settings)
+            losses = []
+            for _ in range(6):
+                loss, _ = training.training_step(fresh, backend, data, settings, 1, training.step_generator(5, 0))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
+        finally:
+            backend.params = backend.rra.params = params
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+class Recorder:
+    """The real backend, with the UNet input and output kept (and optionally the output changed)."""
+
+    def __init__(self, inner, change=None):
+        self.inner, self.change, self.inputs = inner, change, []
+        self.alphas_cumprod = inner.alphas_cumprod
+
+    def instance_context(self, e):
+        return self.inner.instance_context(e)
+
+    def class_context(self):
+        return self.inner.class_context()
+
+    def reference_features(self, *a):
+        return self.inner.reference_features(*a)
+
+    def predict(self, x, t, context, reference, recorded_rows):
+        self.inputs.append(x.detach().clone())
+        out = self.inner.predict(x, t, context, reference, recorded_rows)
+        if self.change is not None:
+            out.noise = self.change(out.noise)
+        return out
+
+
+def test_mgdp_keeps_the_background_clean_and_the_loss_ignores_it(tiny, session, pack):
+    glue, training = pack
+    params, _, backend, _ = session
+    settings = training.settings_for("official", resolution=SIZE, p_low=0.0, p_high=0.0, p_original=1.0,
+                                     ra_loss_weight=0.0, cross_attention_loss_weight=0.0, dilate_iterations=1,
+                                     dilate_kernel=3)
+    rec = Recorder(backend)
+    with torch.inference_mode(False):
+        data = glue.training_data(tiny[0], tiny[2], *photos(), None, settings, SIZE)
+        n = data.photos
+        loss, _ = training.training_step(params, rec, data, settings, n, training.step_generator(1, 0))
+    order = torch.randperm(n, generator=training.step_generator(1, 0))  # the step's first draw
+    z0, mask = data.latents[training.ORIGINAL, order], data.loss_masks[order].expand(-1, 4, -1, -1)
+    x = rec.inputs[0]
+    outside = mask == 0
+    assert outside.any() and (mask == 1).any()
+    assert torch.equal(x[outside], z0[outside])            # Eq. 6: background = z_0
+    assert (x[mask == 1] - z0[mask == 1]).abs().max() > 0.1  # the subject is noised
+    background = (data.loss_masks[order] == 0).float()
+    moved = Recorder(backend, change=lambda eps: eps + 50.0 * background)
+    with torch.inference_mode(False):
+        loss_moved, _ = training.training_step(params, moved, data, settings, n, training.step_generator(1, 0))
+    assert float(loss_moved) == pytest.approx(float(loss), rel=1e-5)  # Eq. 7: prediction outside M ignored
+
+
+def test_reference_attention_loss_reaches_only_rra_parameters(session, pack):
+    _, training = pack
+    params, data, backend, settings = session
+    from eqdiff_core import rra
+
+    with torch.inference_mode(False):
+        z = data.latents[training.ORIGINAL, :2]
+        t = torch.tensor([500, 500])
+        x = training.noisy_latent(z, torch.randn_like(z), backend.alphas_cumprod[t])
+        bank = backend.reference_features(x, t, backend.class_context().expand(2, -1, -1))
+        context = backend.instance_context(training.branch_embeddings(params.token_lf, params.token_hf,
+                                                                      torch.tensor([2, 2])))
+        out = backend.predict(x, t, context, bank, recorded_rows=2)
+        a = out.reference_attention
+        assert a is not None and a.shape[1] == a.shape[2]
+        side = int(a.shape[1] ** 0.5)
+        m = torch.zeros(2, side * side)
+        m[:, : side * side // 2] = 1
+        params.zero_grad()
+        rra.reference_attention_loss(a, m, m).backward()
+    grads = {n: p.grad for n, p in params.named_parameters()}
+    moved = [n for n, g in grads.items() if g is not None and g.abs().max() > 0]
+    assert moved and all("to_k_res" in n for n in moved), moved
+    params.zero_grad()
+
+
+def test_trained_context_equals_the_inference_encoding(registered_nodes, tiny, session):
+    params, data, backend, settings = session
+    import nodes
+
+    model, clip, _ = tiny
+    with torch.inference_mode(False):
+        concept = params.to_concept({"name": "unit", "token": "<unit>"})
+        trained = backend.instance_context((params.token_lf + params.token_hf).detach()[None])
+    _, concept_clip, token = registered_nodes["EqDiffApplyConcept"].execute(model, clip, concept, 1.0, "<unit>").args
+    cond = nodes.CLIPTextEncode().encode(concept_clip, f"photo of a {token} dog")[0][0][0]
+    assert torch.allclose(trained.cpu(), cond.float(), atol=1e-5)
+
+
+def test_checkpointing_gives_the_same_gradients(registered_nodes, tiny, pack):
+    glue, training = pack
+    model, clip, vae = tiny
+    settings = training.settings_for("official", resolution=SIZE)
+    images, masks = photos()
+    grads = []
+    with torch.inference_mode(False):
+        data = glue.training_data(model, vae, images, masks, None, settings, SIZE)
+        for ckpt in (False, True):
+            params = glue.initial_parameters(model, clip, settings)
+            with torch.no_grad():
+                for layer in params.rra.values():
+                    layer.h_r.bias[-1] = 0.5  # open the gates so RRA is on the path
+            backend = glue.TrainingBackend(model, clip, params, settings, token="<unit>", class_word="dog",
+                                           dtype=torch.float32, gradient_checkpointing=ckpt)
+            loss, _ = training.training_step(params, backend, data, settings, 2, training.step_generator(0, 0))
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in params.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_resume_continues_as_an_uninterrupted_run(registered_nodes, tiny):
+    straight = run_trainer(registered_nodes, tiny, steps=3)[0]
+    half = run_trainer(registered_nodes, tiny, steps=2)[0]
+    assert half.training_state and half.metadata["training_step"] == 2
+    resumed = run_trainer(registered_nodes, tiny, steps=3, resume_from=half)[0]
+    assert resumed.metadata["training_step"] == 3
+    assert resumed.metadata["loss_history"] == pytest.approx(straight.metadata["loss_history"], rel=1e-5)
+    a, b = straight.tensors(with_training_state=False), resumed.tensors(with_training_state=False)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_saved_concept_loads_in_the_inference_nodes(registered_nodes, tiny, tmp_path):
+    import folder_paths
+    import nodes
+    from safetensors.torch import load_file
+
+    concept = run_trainer(registered_nodes, tiny, steps=1)[0]
+    name = registered_nodes["EqDiffSaveConcept"].execute(concept, "unit_saved", False, True, False).args[0]
+    folder = folder_paths.get_folder_paths("eqdiff")[0]
+    path = os.path.join(folder, name)
+    try:
+        emb_path = os.path.join(folder_paths.get_folder_paths("embeddings")[0], name)
+        emb = load_file(emb_path)["clip_l"]
+        loaded = registered_nodes["EqDiffLoadConcept"].execute(name).args[0]
+        assert torch.equal(emb[0], loaded.token_lf + loaded.token_hf)  # S*_ori = S*_LF + S*_HF
+        assert not loaded.training_state  # not kept unless asked
+        assert torch.equal(loaded.token_lf, concept.token_lf) and loaded.metadata["class_word"] == "dog"
+        model, clip, _ = tiny
+        _, c_clip, token = registered_nodes["EqDiffApplyConcept"].execute(model, clip, loaded, 1.0, "").args
+        assert token == "<unit>"
+        by_token = nodes.CLIPTextEncode().encode(c_clip, f"a {token} dog")[0][0][0]
+        by_embedding = nodes.CLIPTextEncode().encode(clip, f"a embedding:{name[:-12]} dog")[0][0][0]
+        assert torch.allclose(by_token, by_embedding, atol=1e-5)
+        # a second save does not overwrite
+        again = registered_nodes["EqDiffSaveConcept"].execute(concept, "unit_saved", False, False, False).args[0]
+        assert again == "unit_saved_001.safetensors"
+        os.remove(os.path.join(folder, again))
+    finally:
+        os.remove(path)
+        os.remove(emb_path)
+
+
+def test_bad_inputs_get_clear_errors(registered_nodes, tiny):
+    images, masks = photos()
+    with pytest.raises(ValueError, match="masks: 2 masks for 3 photos"):
+        run_trainer(registered_nodes, tiny, photos=(images, masks[:2]))
+    empty = masks.clone()
+    empty[1] = 0
+    with pytest.raises(ValueError, match="mask of photo 2 is empty"):
+        run_trainer(registered_nodes, tiny, photos=(images, empty))
+    with pytest.raises(ValueError, match="learning_rate: must be positive"):
+        run_trainer(registered_nodes, tiny, learning_rate=0.0)
+    with pytest.raises(ValueError, match="class_word"):
+        run_trainer(registered_nodes, tiny, class_word="  ")
+    assert registered_nodes["EqDiffFDTETrainer"].validate_inputs(name="bad name") != True  # noqa: E712
+    assert registered_nodes["EqDiffFDTETrainer"].validate_inputs(precision="fp8") != True  # noqa: E712
+    one = run_trainer(registered_nodes, tiny, steps=1, photos=photos(1))[0]  # documented: its own reference
+    assert one.metadata["photos"] == 1
+
+
+def test_nan_loss_keeps_the_last_good_state(registered_nodes, tiny):
+    import folder_paths
+
+    from eqdiff_core import concept as concept_io
+
+    autosave = os.path.join(folder_paths.get_folder_paths("eqdiff")[0], "unit.autosave.safetensors")
+    with pytest.raises(ValueError, match=r"learning_rate: the loss became NaN or infinite at step (\d+)") as err:
+        run_trainer(registered_nodes, tiny, steps=6, learning_rate=1e30)
+    try:
+        saved = concept_io.load(autosave)  # validates: every tensor finite
+        import re
+
+        bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1)) - 1
+        assert saved.metadata["training_step"] == bad_step >= 1
+        good = run_trainer(registered_nodes, tiny, steps=bad_step, learning_rate=1e30)[0]
+        assert torch.equal(saved.token_lf, good.token_lf)
+    finally:
+        os.remove(autosave)
+
+
+def test_interruption_saves_the_last_state(registered_nodes, tiny):
+    import comfy.model_management
+    import comfy.utils
+    import folder_paths
+
+    from eqdiff_core import concept as concept_io
+
+    def hook(value, total, preview, node_id=None):
+        if value >= 1:
+            comfy.model_management.interrupt_current_processing(True)
+
+    autosave = os.path.join(folder_paths.get_folder_paths("eqdiff")[0], "unit.autosave.safetensors")
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_trainer(registered_nodes, tiny, steps=4)
+        comfy.utils.set_progress_bar_global_hook(None)
+        saved = concept_io.load(autosave)
+        assert saved.metadata["training_step"] == 1 and saved.training_state
+        resumed = run_trainer(registered_nodes, tiny, steps=2, resume_from=saved)[0]
+        assert resumed.metadata["training_step"] == 2 and len(resumed.metadata["loss_history"]) == 2
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+        if os.path.exists(autosave):
+            os.remove(autosave)

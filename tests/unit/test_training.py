@@ -1,0 +1,140 @@
+"""eqdiff_core.training against hand-written formulas: FDTE draw, MGDP (Eq. 6-7), augmentation, settings."""
+
+import math
+
+import pytest
+import torch
+
+from eqdiff_core import training
+
+
+def test_branch_draw_follows_the_probabilities():
+    g = torch.Generator().manual_seed(0)
+    for probs in [(0.1, 0.1, 0.8), (0.3, 0.3, 0.6), (0.0, 1.0, 0.0)]:
+        draws = training.draw_branches(200_000, probs, g)
+        freq = torch.bincount(draws, minlength=3).double() / draws.numel()
+        want = torch.tensor(probs, dtype=torch.float64) / sum(probs)
+        assert torch.allclose(freq, want, atol=4e-3), (probs, freq)
+    assert training.draw_branches(0, (0.1, 0.1, 0.8), g).numel() == 0
+
+
+def test_branch_embeddings_are_lf_hf_and_their_sum():
+    lf, hf = torch.randn(8), torch.randn(8)
+    out = training.branch_embeddings(lf, hf, torch.tensor([training.LOW, training.HIGH, training.ORIGINAL, training.LOW]))
+    assert torch.equal(out[0], lf) and torch.equal(out[1], hf) and torch.equal(out[3], lf)
+    assert torch.allclose(out[2], lf + hf)
+
+
+def test_latent_mask_downsamples_by_area_and_dilates_with_a_square():
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 32:40, 32:40] = 1.0  # exactly latent pixel (4, 4) at 8x
+    m0 = training.latent_mask(mask, (8, 8))
+    assert m0.shape == (1, 1, 8, 8) and m0.sum() == 1 and m0[0, 0, 4, 4] == 1
+    half = torch.zeros(1, 16, 16)
+    half[0, 0:1, 0:2] = 1.0  # half of latent pixel (0, 0) at 2x
+    assert training.latent_mask(half, (8, 8))[0, 0, 0, 0] == pytest.approx(0.5)
+    big = torch.zeros(1, 32, 32)
+    big[0, 16, 16] = 1.0
+    for iterations, side in [(1, 5), (2, 9)]:
+        d = training.latent_mask(big, (32, 32), iterations, 5)[0, 0]
+        rows, cols = d.nonzero(as_tuple=True)
+        assert d.sum() == side * side and rows.min() == 16 - side // 2 and cols.max() == 16 + side // 2
+
+
+def test_mask_guided_latent_is_eq6():
+    g = torch.Generator().manual_seed(1)
+    z0, noise = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
+    alpha = torch.tensor([0.9, 0.2])
+    mask = (torch.rand(2, 1, 6, 6, generator=g) > 0.5).float()
+    z_t = training.noisy_latent(z0, noise, alpha)
+    assert torch.allclose(z_t[1], math.sqrt(0.2) * z0[1] + math.sqrt(0.8) * noise[1], atol=1e-6)
+    out = training.mask_guided_latent(z_t, z0, mask)
+    inside = mask.expand_as(out).bool()
+    assert torch.equal(out[~inside], z0[~inside]) and torch.allclose(out[inside], z_t[inside])
+
+
+def test_masked_mse_is_a_per_element_mean_inside_the_mask():
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    mask = (torch.rand(3, 1, 5, 5, generator=g) > 0.4).float()
+    per_sample = []
+    for b in range(3):
+        sel = mask[b, 0].bool()
+        per_sample.append(((pred[b][:, sel] - target[b][:, sel]) ** 2).mean())
+    assert training.masked_mse(pred, target, mask) == pytest.approx(float(torch.stack(per_sample).mean()), rel=1e-6)
+    # the prediction outside the mask has no influence
+    moved = pred + 100.0 * (1 - mask)
+    assert training.masked_mse(moved, target, mask) == pytest.approx(float(training.masked_mse(pred, target, mask)))
+    pred.requires_grad_(True)
+    training.masked_mse(pred, target, mask).backward()
+    assert (pred.grad * (1 - mask)).abs().max() == 0 and (pred.grad * mask).abs().max() > 0
+
+
+def test_cross_attention_mask_loss():
+    maps = torch.tensor([[0.0, 2.0, 1.0, 0.0]])
+    target = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    assert training.cross_attention_mask_loss(maps, target) == pytest.approx(0.25 / 4)
+
+
+def test_reference_augmentation_moves_latent_and_mask_together():
+    g = torch.Generator().manual_seed(3)
+    latent = torch.randn(4, 16, 16, generator=g) + 10.0
+    mask = torch.ones(1, 16, 16)
+    canvas = torch.zeros(4, 16, 16)
+    pasted = cropped = 0
+    for _ in range(60):
+        out, m = training.augment_reference(latent, mask, canvas, g, flip=True)
+        assert out.shape == latent.shape and m.shape == mask.shape
+        on_canvas = (out == 0).all(dim=0)
+        if on_canvas.any():
+            pasted += 1
+            assert torch.equal(on_canvas, m[0] == 0)  # the mask follows the pasted photo
+        else:
+            cropped += 1
+            assert m.min() == 1
+    assert pasted > 20 and cropped > 5  # p = 0.66 paste, 0.34 crop
+
+
+def test_presets_and_overrides():
+    official, paper = training.settings_for("official"), training.settings_for("paper")
+    assert (official.p_low, official.p_high, official.p_original) == (0.1, 0.1, 0.8)
+    assert official.filter_shape == "square" and paper.filter_shape == "circle"
+    assert official.reference_timestep_offset == 2 and paper.reference_timestep_offset == 0
+    assert training.settings_for("paper", ra_loss_weight=0.5).ra_loss_weight == 0.5
+    with pytest.raises(ValueError, match="unknown training settings: bogus"):
+        training.settings_for("official", bogus=1)
+    with pytest.raises(ValueError, match="preset"):
+        training.settings_for("nope")
+    with pytest.raises(ValueError, match="filter_shape"):
+        training.settings_for("official", filter_shape="hexagon")
+    with pytest.raises(ValueError, match="p_low"):
+        training.settings_for("official", p_low=-0.1)
+    with pytest.raises(ValueError, match="prompt_template"):
+        training.settings_for("official", prompt_template="photo of a dog")
+
+
+def test_step_generator_depends_on_seed_and_step_only():
+    a = torch.rand(4, generator=training.step_generator(7, 3))
+    assert torch.equal(a, torch.rand(4, generator=training.step_generator(7, 3)))
+    assert not torch.equal(a, torch.rand(4, generator=training.step_generator(7, 4)))
+    assert not torch.equal(a, torch.rand(4, generator=training.step_generator(8, 3)))
+
+
+def test_optimizer_state_round_trip():
+    from eqdiff_core.rra import RRALayer
+
+    params = training.ConceptParameters(torch.randn(8), torch.randn(8), {"w": torch.zeros(3, 8)},
+                                        {"output.1.0": RRALayer(4)})
+    settings = training.settings_for("official")
+    opt = training.make_optimizer(params, 1e-2, settings)
+    for p in params.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = training.optimizer_state(opt, params)
+    fresh = training.make_optimizer(params, 1e-2, settings)
+    training.load_optimizer_state(fresh, params, saved)
+    for p in params.parameters():
+        assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+        assert float(fresh.state[p]["step"]) == 1
+    with pytest.raises(ValueError, match="learning_rate"):
+        training.make_optimizer(params, 0.0, settings)
