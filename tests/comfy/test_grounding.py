@@ -470,3 +470,11 @@ def test_cuda_real_size_variants_load_and_run(registered_nodes, tmp_path_factory
                                                                                     "box_threshold": 0.0}).result
         assert next(models.dino.model.parameters()).device.type == "cuda"
         assert mask.shape == (2, 512, 512) and preview.shape == (2, 512, 512, 3) and torch.isfinite(mask).all()
+
+
+def test_runs_under_the_transformers_line_asked_for():
+    """scripts/test.sh runs this file under 4.x and again under 5.x; this checks which one is live."""
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    assert major == os.environ.get("EQDIFF_EXPECT_TRANSFORMERS", major) and major in ("4", "5"), transformers.__version__
