@@ -279,8 +279,9 @@ class ConceptParameters(nn.Module):
 def make_optimizer(params: ConceptParameters, learning_rate: float, settings: TrainingSettings) -> torch.optim.AdamW:
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    on_cuda = all(p.is_cuda for p in params.parameters())
     return torch.optim.AdamW(params.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=settings.weight_decay)
+                             weight_decay=settings.weight_decay, fused=on_cuda or None)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, params: ConceptParameters) -> dict[str, torch.Tensor]:
