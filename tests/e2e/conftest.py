@@ -30,19 +30,6 @@ def write_test_concepts(folder: Path) -> None:
     (folder / CORRUPT_CONCEPT).write_bytes(data[: len(data) // 3])
 
 
-def write_subject_with_masks(photos: Path, folder: Path) -> None:
-    """The shipped subject photos, each with an elliptic mask under masks/ (a stand-in for Grounded Mask)."""
-    from PIL import Image, ImageDraw
-
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
-    for photo in sorted(photos.glob("*.jpg")):
-        shutil.copy(photo, folder / photo.name)
-        w, h = Image.open(photo).size
-        mask = Image.new("L", (w, h), 0)
-        ImageDraw.Draw(mask).ellipse([w * 0.2, h * 0.15, w * 0.8, h * 0.9], fill=255)
-        mask.save(folder / "masks" / f"{photo.stem}.png")
-
-
 @pytest.fixture(scope="session")
 def server():
     """One real ComfyUI server (127.0.0.1, CPU) with this pack for the whole e2e session; concept files
@@ -59,7 +46,7 @@ def server():
     srv.start()
     for asset in ASSETS.glob("*.jpg"):
         shutil.copy(asset, srv.input_dir / asset.name)
-    write_subject_with_masks(ASSETS / "backpack_dog", srv.input_dir / "backpack_dog")
+    shutil.copytree(ASSETS / "backpack_dog", srv.input_dir / "backpack_dog")  # photos and masks/
     yield srv
     srv.stop()
 
