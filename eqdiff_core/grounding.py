@@ -375,7 +375,8 @@ def _load_strict(model: torch.nn.Module, state: dict, name: str, kind: str) -> N
         detail = "; ".join(wrong[:3] or [f"missing {', '.join(missing[:5])}"])
         raise GroundingError(f"{name} does not fit the {kind} architecture read from it: {detail}. The file may be "
                              f"truncated or a variant this pack does not support.")
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    # computed buffers (index tables, position ids) stay as the model built them
+    model.load_state_dict({k: v for k, v in state.items() if k in expected and not ignorable.match(k)}, strict=False)
 
 
 def find_bert_folder(candidates: list[str | os.PathLike]) -> Path | None:
@@ -515,6 +516,18 @@ def dino_inputs(image: torch.Tensor, size: int, max_size: int = 1333) -> torch.T
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def fit_detect_size(size: int, height: int, width: int, num_queries: int, max_size: int = 1333) -> int:
+    """The smallest shorter side >= ``size`` at which the image yields at least ``num_queries``
+    feature tokens (strides 8, 16, 32, 64): GroundingDINO picks its queries among them."""
+    while True:
+        scale = min(size / min(height, width), max_size / max(height, width))
+        h, w = max(1, round(height * scale)), max(1, round(width * scale))
+        tokens = sum(math.ceil(h / s) * math.ceil(w / s) for s in (8, 16, 32, 64))
+        if tokens >= num_queries or scale * max(height, width) >= max_size:
+            return size
+        size += 32
 
 
 @torch.no_grad()
@@ -664,6 +677,7 @@ def grounded_masks(dino: GroundingDino, sam: Sam, images: torch.Tensor, prompt: 
     b, _, h, w = images.shape
     masks = torch.zeros(b, h, w, dtype=torch.bool, device=images.device)
     detections = []
+    detect_size = fit_detect_size(detect_size, h, w, dino.model.config.num_queries)
     for i in range(b):
         image = images[i]
         probs, boxes = dino_forward(dino, dino_inputs(image[None].to(next(dino.model.parameters()).device), detect_size), input_ids)

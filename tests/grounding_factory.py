@@ -3,7 +3,8 @@ original libraries (groundingdino-py, segment-anything) with random weights, plu
 folder and the original implementations' outputs on fixed inputs (tests only).
 
     python tests/grounding_factory.py OUT_DIR            small models (CPU tests)
-    python tests/grounding_factory.py OUT_DIR --real     also real-size Swin-T, Swin-B, ViT-H/L/B
+    python tests/grounding_factory.py OUT_DIR --real-shapes --no-small
+                                                        key shapes of real-size Swin-T, Swin-B, ViT-H/L/B
 
 The pack itself runs these checkpoints through Hugging Face transformers; the original libraries
 appear only here, as the independent reference. groundingdino-py needs transformers 4.x, so the
@@ -16,7 +17,8 @@ OUT_DIR gets:
   grounding-dino/tiny_swint.safetensors the same tensors
   sams/tiny_vit.pth, sams/tiny_vit.safetensors
   reference.pt                  inputs and the original models' outputs
-  shapes.json                   (--shapes) key -> shape of real-size variants
+  shapes.json                   (--shapes) key -> shape of real-size backbones and SAMs
+  real_shapes.json              (--real-shapes) key -> shape, dtype of whole real-size originals
 """
 
 from __future__ import annotations
@@ -135,22 +137,24 @@ def small(out: Path) -> None:
     }, out / "reference.pt")
 
 
-def real_size(out: Path) -> None:
-    """Real-size variants with random weights (bert-base-uncased geometry) for the GPU test."""
+def real_shapes(out: Path) -> None:
+    """Key -> [shape, dtype] of every supported real-size original (Swin-T OGC, Swin-B with a
+    bert-base text encoder; SAM ViT-H/L/B), for the GPU test, which fills them with random values
+    where the original libraries are not installed."""
     from segment_anything import sam_model_registry
 
-    bert = out / "bert-base-uncased"
+    bert = out / "bert-base-real"
     write_bert(bert, vocab_size=30522)
-    for name, backbone in (("swint_ogc", "swin_T_224_1k"), ("swinb_cogcoor", "swin_B_384_22k")):
-        torch.manual_seed(4)
+    result = {}
+    for name, backbone in (("groundingdino_swint_ogc", "swin_T_224_1k"), ("groundingdino_swinb_cogcoor", "swin_B_384_22k")):
         dino = build_dino(dino_args(bert, backbone))
-        save_checkpoint(dino.state_dict(), out / "grounding-dino" / f"groundingdino_{name}.pth", wrap=True)
+        result[name] = {k: [list(v.shape), str(v.dtype)] for k, v in dino.state_dict().items()}
         del dino
-    for variant in ("vit_h", "vit_l", "vit_b"):
-        torch.manual_seed(5)
-        sam = sam_model_registry[variant]()
-        save_checkpoint(sam.state_dict(), out / "sams" / f"sam_{variant}.pth", wrap=False)
-        del sam
+    with torch.device("meta"):
+        for variant in ("vit_h", "vit_l", "vit_b"):
+            sam = sam_model_registry[variant]()
+            result[f"sam_{variant}"] = {k: [list(v.shape), str(v.dtype)] for k, v in sam.state_dict().items()}
+    (out / "real_shapes.json").write_text(json.dumps(result))
 
 
 def shapes(out: Path) -> None:
@@ -171,7 +175,7 @@ def shapes(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--real", action="store_true", help="also write real-size variants (GPU test)")
+    parser.add_argument("--real-shapes", action="store_true", help="also write real_shapes.json (GPU test)")
     parser.add_argument("--no-small", action="store_true")
     parser.add_argument("--shapes", action="store_true")
     a = parser.parse_args()
@@ -185,8 +189,8 @@ def main() -> None:
         small(a.out)
     if a.shapes:
         shapes(a.out)
-    if a.real:
-        real_size(a.out)
+    if a.real_shapes:
+        real_shapes(a.out)
 
 
 if __name__ == "__main__":

@@ -437,39 +437,78 @@ def test_a_file_of_another_kind_is_named(real_shapes):
 
 
 # -- real sizes on the GPU -----------------------------------------------------------------------
+def _write_bert_base(folder: Path) -> None:
+    """bert-base-uncased's config.json and a vocabulary with its special-token ids (the weights are
+    inside the GroundingDINO files)."""
+    from transformers import BertConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = [f"[unused{i}]" for i in range(30522)]
+    for token, idx in {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029,
+                       "dog": 2000, "red": 2001, "cat": 2002}.items():
+        vocab[idx] = token
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (folder / "config.json").write_text(BertConfig().to_json_string())
+
+
 @pytest.mark.cuda
 def test_cuda_real_size_variants_load_and_run(registered_nodes, tmp_path_factory):
-    """Every supported real-size variant, random weights from the original builders, saved as .pth,
-    loaded through the loader node on CUDA (SAM in half precision) and run on a 512x512 batch."""
+    """Every supported real-size variant with random weights, saved as the released .pth files are
+    (GroundingDINO as {"model": ...}; one SAM as .safetensors), loaded through the loader node on CUDA
+    (SAM in half precision) and run on a batch of 512x512 images. The keys and shapes come from the
+    original libraries' builders (tests/grounding_factory.py --real-shapes, run here with the 4.x venv,
+    or given as EQDIFF_GROUNDING_REAL_SHAPES where those libraries are not installed)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     import folder_paths
+    from safetensors.torch import save_file
 
     out = tmp_path_factory.mktemp("grounding-real")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **({"PYTHONPATH": os.environ["EQDIFF_TF4_PATH"]}
-                                                               if "EQDIFF_TF4_PATH" in os.environ else {}))
-    done = subprocess.run([sys.executable, str(FACTORY), str(out), "--real", "--no-small"], env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-4000:]
-    shutil.move(str(out / "bert-base-uncased"), str(out / "grounding-dino" / core.BERT_FOLDER))
+    manifest = os.environ.get("EQDIFF_GROUNDING_REAL_SHAPES")
+    if manifest is None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        done = subprocess.run([sys.executable, str(FACTORY), str(out), "--real-shapes", "--no-small"], env=env,
+                              capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stderr[-4000:]
+        manifest = out / "real_shapes.json"
+    shapes = json.loads(Path(manifest).read_text())
+    gen = torch.Generator().manual_seed(0)
+    for name, keys in shapes.items():
+        state = {}
+        for key, (shape, dtype) in keys.items():
+            if dtype == "torch.float32":
+                state[key] = torch.randn(shape, generator=gen) * 0.02
+                if key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight")):
+                    state[key] += 1.0
+            else:
+                state[key] = torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[1]))
+        folder = out / ("grounding-dino" if name.startswith("grounding") else "sams")
+        folder.mkdir(exist_ok=True)
+        if name == "sam_vit_l":
+            save_file(state, str(folder / f"{name}.safetensors"))
+        else:
+            torch.save({"model": state} if name.startswith("grounding") else state, folder / f"{name}.pth")
+        del state
+    _write_bert_base(out / "grounding-dino" / core.BERT_FOLDER)
     for name in ("grounding-dino", "sams"):
         folder_paths.add_model_folder_path(name, str(out / name), is_default=True)
     loader, node = registered_nodes["EqDiffGroundingLoader"], registered_nodes["EqDiffGroundedMask"]
-    expected = {"groundingdino_swint_ogc.pth": "Swin-T", "groundingdino_swinb_cogcoor.pth": "Swin-B",
-                "sam_vit_h.pth": "ViT-H", "sam_vit_l.pth": "ViT-L", "sam_vit_b.pth": "ViT-B"}
-    batch = torch.rand(2, 512, 512, 3)
+    variants = {"groundingdino_swint_ogc.pth": "Swin-T", "groundingdino_swinb_cogcoor.pth": "Swin-B",
+                "sam_vit_h.pth": "ViT-H", "sam_vit_l.safetensors": "ViT-L", "sam_vit_b.pth": "ViT-B"}
+    batch = torch.rand(2, 512, 512, 3, generator=gen)
     for dino_name, sam_name in (("groundingdino_swint_ogc.pth", "sam_vit_h.pth"),
-                                ("groundingdino_swinb_cogcoor.pth", "sam_vit_l.pth"),
+                                ("groundingdino_swinb_cogcoor.pth", "sam_vit_l.safetensors"),
                                 ("groundingdino_swint_ogc.pth", "sam_vit_b.pth")):
         with torch.inference_mode():
             models = loader.execute(grounding_dino=dino_name, sam=sam_name, device="auto", precision="auto").result[0]
-            assert models.dino.spec.variant == expected[dino_name] and models.sam.spec.variant == expected[sam_name]
-            assert next(models.sam.model.parameters()).dtype in (torch.float16, torch.bfloat16)
-            mask, preview, report = node.execute(grounding=models, image=batch, **{**DEFAULTS, "detect_size": 800,
-                                                                                    "box_threshold": 0.0}).result
+            assert models.dino.spec.variant == variants[dino_name] and models.sam.spec.variant == variants[sam_name]
+            mask, preview, report = node.execute(grounding=models, image=batch, **{
+                **DEFAULTS, "detect_size": 800, "box_threshold": 0.0, "text_threshold": 0.0}).result
         assert next(models.dino.model.parameters()).device.type == "cuda"
+        assert next(models.sam.model.parameters()).dtype in (torch.float16, torch.bfloat16)
         assert mask.shape == (2, 512, 512) and preview.shape == (2, 512, 512, 3) and torch.isfinite(mask).all()
+        assert "nothing found" not in report
 
 
 def test_runs_under_the_transformers_line_asked_for():
