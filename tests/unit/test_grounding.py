@@ -1,5 +1,7 @@
 """eqdiff_core.grounding without models: prompts, box selection, mask refinement, file errors."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,8 @@ def test_unreadable_files_are_named(tmp_path):
 def test_detect_size_grows_until_there_are_enough_tokens_for_the_queries():
     assert g.fit_detect_size(800, 512, 512, 900) == 800
     size = g.fit_detect_size(128, 512, 512, 900)  # 128 px gives 340 tokens, fewer than 900 queries
-    tokens = sum(-(-size // s) ** 2 for s in (8, 16, 32, 64))
-    assert size > 128 and tokens >= 900 and sum(-(-(size - 32) // s) ** 2 for s in (8, 16, 32, 64)) < 900
+    def tokens(n):
+        return sum(math.ceil(n / s) ** 2 for s in (8, 16, 32, 64))
+
+    assert size > 128 and tokens(size) >= 900 > tokens(size - 32)
     assert g.fit_detect_size(128, 100, 2000, 10**9) <= 128 + 32 * 100  # stops at the 1333 px cap
