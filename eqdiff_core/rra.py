@@ -155,9 +155,36 @@ def reference_attention_loss(
         attention = attention.mean(dim=1)
     if attention.ndim != 3:
         raise ValueError(f"attention must be (B, N, M) or (B, heads, N, M), got {tuple(attention.shape)}")
-    foreground_share = (attention * reference_mask[:, None, :]).sum(dim=-1)  # sum_j {A * M^r}_ij
+    foreground_share = subject_share(attention, reference_mask)
     if form == "paper":
         return torch.linalg.vector_norm(foreground_share - target_mask, dim=-1).mean()
     if form == "official":
         return ((foreground_share * target_mask - target_mask) ** 2).mean()
     raise ValueError(f"form must be 'paper' or 'official', got {form!r}")
+
+
+def subject_share(attention: torch.Tensor, reference_mask: torch.Tensor) -> torch.Tensor:
+    """The aggregated reference attention of Eq. 10: per target position, the share of its reference
+    attention that lands on the reference subject, sum_j {A * M^r}_ij. (B, N, M), (B, M) -> (B, N)."""
+    return (attention * reference_mask[:, None, :]).sum(dim=-1)
+
+
+def received_attention(attention: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """How much attention each reference position receives, averaged over the target positions
+    (weighted, e.g. by the reference mask M^f, where given): (B, N, M), (B, N) -> (B, M)."""
+    if weights is None:
+        return attention.mean(dim=1)
+    w = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-8)
+    return (attention * w[:, :, None]).sum(dim=1)
+
+
+def token_grid(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Per-token values of an attention layer back on its grid, upsampled to (height, width): the layer's
+    grid keeps the latent's aspect ratio. (B, N) -> (B, height, width)."""
+    b, n = values.shape
+    scale = (height * width / n) ** 0.5
+    h, w = max(1, round(height / scale)), max(1, round(width / scale))
+    if h * w != n:
+        raise ValueError(f"{n} tokens do not form a grid of the {height}x{width} latent's aspect ratio")
+    grid = values.reshape(b, 1, h, w).float()
+    return F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[:, 0]

@@ -272,6 +272,8 @@ class ReferenceAttention:
         ).hexdigest()[:16]
         self.stats = {"reference_passes": 0, "cache_hits": 0}
         self._cast: dict = {}
+        self.record_layers: frozenset = frozenset()  # layers whose maps and gates the last call keeps
+        self.last_maps: dict = {}
 
     def __deepcopy__(self, memo):  # model clones deep-copy their wrappers; they share this object
         return self
@@ -365,7 +367,9 @@ class ReferenceAttention:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         batch = x.shape[0]
         rows = self._target_rows(batch, transformer_options)
-        state = _StepState(self.layers, rows, batch)
+        state = _StepState(self.layers, rows, batch, record=self.record_layers,
+                           recorded_rows=batch if self.record_layers else 0)
+        self.last_maps = state.maps
         cache_key = (self.identity, self.settings.noise, self.settings.seed, tuple(x.shape[-2:]),
                      round(sigma_value, 6), str(x.device))
         cached = self.cache.get(base_model, cache_key) if self.settings.cache else None
@@ -450,6 +454,8 @@ class _RRAAttention(_PatchBase):
         if self.key in state.record:
             attention = _MapRecorder(state.maps, self.key, state.recorded_rows)
         f_ra, gate = layer(q[targets], sa[targets], reference.to(q.dtype), heads, attention=attention)
+        if self.key in state.record:
+            state.maps[("gate", self.key)] = gate[: state.recorded_rows, :, 0].detach()
         state.pending[self.key] = (targets, f_ra, gate * self.owner.strength)
         return sa
 
@@ -528,6 +534,36 @@ def attention_levels(diffusion_model) -> dict[str, int]:
         visit("output", number, block, level)
         level -= sum(isinstance(m, Upsample) for m in block)
     return levels
+
+
+def loss_layers(levels: dict[str, int], rra_keys) -> list[str]:
+    """The RRA layers of L_ra: the output-block ones at the coarsest resolution (SD1.5: the three 16x16
+    layers of output blocks 3-5 at 512 px, the authors' up_blocks.1)."""
+    output = [k for k in rra_keys if k.startswith("output.")]
+    level = max((levels[k] for k in output), default=None)
+    return sorted(k for k in output if levels[k] == level)
+
+
+def reference_maps(model, concept, layer_keys, reference_latent, reference_context, latent, context, percent, seed):
+    """One evaluation of the RRA-patched MODEL on ``latent`` noised to ``percent`` of the schedule;
+    returns the reference attention maps {layer: (B, N, M)} and gates {("gate", layer): (B, N)}."""
+    attention = ReferenceAttention(concept, layer_keys, reference_latent, reference_context,
+                                   ReferenceSettings(cache=False))
+    attention.record_layers = frozenset(layer_keys)
+    patched = attention.patch(model)
+    comfy.model_management.load_models_gpu([patched])
+    base = patched.model
+    device = comfy.model_management.get_torch_device()
+    z = base.process_latent_in(latent.to(device, torch.float32))
+    sigma = torch.full((z.shape[0],), float(base.model_sampling.percent_to_sigma(percent)), device=device)
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    x = base.model_sampling.noise_scaling(sigma, noise, z)
+    options = copy.copy(patched.model_options["transformer_options"])
+    options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patched.wrappers)  # as the sampler does
+    with torch.no_grad():
+        base.apply_model(x, sigma, c_crossattn=context.to(device).expand(z.shape[0], -1, -1),
+                         transformer_options=options)
+    return attention.last_maps
 
 
 def _out_of_place_clip_layer(self, x, mask=None, optimized_attention=None):
@@ -628,10 +664,8 @@ class TrainingBackend:
                     module.forward = _checkpointed(module.forward)
 
         levels = attention_levels(self.unet)
-        rra_output = [k for k in params.rra_keys if k.startswith("output.")]
-        loss_level = max((levels[k] for k in rra_output), default=None)
-        self.ra_layers = frozenset(k for k in rra_output if levels[k] == loss_level)
-        ca_level = loss_level if loss_level is not None else max(levels.values())
+        self.ra_layers = frozenset(loss_layers(levels, params.rra_keys))
+        ca_level = levels[next(iter(self.ra_layers))] if self.ra_layers else max(levels.values())
         self.token_layers = [k for k, lvl in levels.items() if lvl == ca_level and not k.startswith("middle")]
         self.rra = _TrainingRRA(params)
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 import logging
 
+import torch
+from comfy_api.latest import io
+
+from ..eqdiff_core import rra
 from ..eqdiff_core.concept import ConceptError
-from ..eqdiff_core.rra import RRA_LAYER_SETS as LAYER_SETS
-from ..eqdiff_core.rra import gate_is_closed
 from .concept import Concept
-from .glue import ReferenceAttention, ReferenceSettings, attention_layers, check_choices, check_concept_fits
+from .glue import (ReferenceAttention, ReferenceSettings, attention_layers, attention_levels, bchw_to_image,
+                   check_choices, check_concept_fits, loss_layers, reference_maps)
 
 
 class EqDiffRRAPatch(io.ComfyNode):
@@ -43,7 +44,7 @@ class EqDiffRRAPatch(io.ComfyNode):
                 io.Combo.Input("rows", options=["cond_uncond", "cond"], default="cond_uncond",
                                tooltip="cond_uncond: RRA in both CFG branches (the authors). cond: only in the "
                                "conditional branch."),
-                io.Combo.Input("layers", options=list(LAYER_SETS), default="middle+output",
+                io.Combo.Input("layers", options=list(rra.RRA_LAYER_SETS), default="middle+output",
                                tooltip="Which self-attention layers fuse the reference (only those the concept "
                                "has RRA weights for). The authors: middle+output."),
                 io.Boolean.Input("cache", default=True,
@@ -65,33 +66,7 @@ class EqDiffRRAPatch(io.ComfyNode):
     @classmethod
     def execute(cls, model, concept, reference, vae, strength, start_percent, end_percent, reference_noise,
                 noise_seed, rows, layers, cache, reference_conditioning=None) -> io.NodeOutput:
-        if not concept.rra:
-            raise ConceptError(f"concept '{concept.name}' has no RRA layers (it was trained with RRA off); "
-                               f"leave out the RRA Patch for it.")
-        check_concept_fits(concept, model)
-        blocks = LAYER_SETS[layers]
-        available = {layer.key for layer in attention_layers(model.get_model_object("diffusion_model"))}
-        keys = sorted(k for k in concept.rra if k in available and k.split(".")[0] in blocks)
-        if not keys:
-            raise ConceptError(f"layers: concept '{concept.name}' has RRA layers only at "
-                               f"{', '.join(sorted(concept.rra))}; none is in '{layers}'.")
-        open_keys = [k for k in keys if not gate_is_closed(concept.rra[k]["h_r.weight"], concept.rra[k]["h_r.bias"])]
-        if len(open_keys) < len(keys):
-            logging.info("EqDiff RRA: %d of %d layers of concept '%s' have a closed gate (untrained); they are "
-                         "the base layers and are skipped", len(keys) - len(open_keys), len(keys), concept.name)
-        if reference.shape[0] != 1:
-            raise ValueError(f"reference: got a batch of {reference.shape[0]} images; connect one photo "
-                             f"(Image From Batch picks one).")
-        if min(reference.shape[1:3]) < 32:
-            raise ValueError(f"reference: {reference.shape[2]}x{reference.shape[1]} px is too small; use the "
-                             f"photo at 256 px or more.")
-        if reference_conditioning is not None:
-            context = reference_conditioning[0][0][:1]
-        elif concept.reference_context is not None:
-            context = concept.reference_context[None]
-        else:
-            raise ConceptError(f"concept '{concept.name}' holds no reference context; connect "
-                               f"reference_conditioning (CLIP Text Encode of e.g. 'a photo of a dog').")
+        open_keys, context = _rra_inputs(model, concept, reference, layers, reference_conditioning)
         if not open_keys:
             return io.NodeOutput(model)  # every gate closed: RRA is exactly the identity, no reference pass
         latent = vae.encode(reference[:, :, :, :3])
@@ -99,4 +74,115 @@ class EqDiffRRAPatch(io.ComfyNode):
         return io.NodeOutput(ReferenceAttention(concept, open_keys, latent, context, settings).patch(model))
 
 
-NODES = [EqDiffRRAPatch]
+def _rra_inputs(model, concept, reference, layers, reference_conditioning):
+    """The concept's RRA layers in ``layers`` whose gate can open, and the reference pass's context;
+    errors name the input to change."""
+    if not concept.rra:
+        raise ConceptError(f"concept '{concept.name}' has no RRA layers (it was trained with RRA off); "
+                           f"leave out the RRA Patch for it.")
+    check_concept_fits(concept, model)
+    blocks = rra.RRA_LAYER_SETS[layers]
+    available = {layer.key for layer in attention_layers(model.get_model_object("diffusion_model"))}
+    keys = sorted(k for k in concept.rra if k in available and k.split(".")[0] in blocks)
+    if not keys:
+        raise ConceptError(f"layers: concept '{concept.name}' has RRA layers only at "
+                           f"{', '.join(sorted(concept.rra))}; none is in '{layers}'.")
+    open_keys = [k for k in keys if not rra.gate_is_closed(concept.rra[k]["h_r.weight"], concept.rra[k]["h_r.bias"])]
+    if len(open_keys) < len(keys):
+        logging.info("EqDiff RRA: %d of %d layers of concept '%s' have a closed gate (untrained); they are "
+                     "the base layers and are skipped", len(keys) - len(open_keys), len(keys), concept.name)
+    if reference.shape[0] != 1:
+        raise ValueError(f"reference: got a batch of {reference.shape[0]} images; connect one photo "
+                         f"(Image From Batch picks one).")
+    if min(reference.shape[1:3]) < 32:
+        raise ValueError(f"reference: {reference.shape[2]}x{reference.shape[1]} px is too small; use the "
+                         f"photo at 256 px or more.")
+    if reference_conditioning is not None:
+        context = reference_conditioning[0][0][:1]
+    elif concept.reference_context is not None:
+        context = concept.reference_context[None]
+    else:
+        raise ConceptError(f"concept '{concept.name}' holds no reference context; connect "
+                           f"reference_conditioning (CLIP Text Encode of e.g. 'a photo of a dog').")
+    return open_keys, context
+
+
+class EqDiffReferenceMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EqDiffReferenceMaps",
+            display_name="Reference Attention Maps",
+            category="EqDiff",
+            description="What RRA does on an image (the paper's Fig. 5): the image's latent is noised to one point "
+            "of the schedule and denoised once with the concept's RRA layers, and their maps are kept. Outputs "
+            "the learned reference mask M^f over the image (averaged over the RRA layers), the aggregated "
+            "reference attention of Eq. 10 (per position of the image, the share of its attention on the "
+            "reference subject; needs the reference mask) and the attention each part of the reference "
+            "receives, weighted by M^f. The maps of the L_ra layers (16x16 at 512 px) are used.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL with the concept applied (Apply Concept)."),
+                Concept.Input("concept", tooltip="The concept whose RRA layers are inspected."),
+                io.Image.Input("reference", tooltip="The reference photo (a batch of one)."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE."),
+                io.Conditioning.Input("positive", tooltip="The prompt the image was made with."),
+                io.Latent.Input("latent", tooltip="The image to inspect, e.g. the sampler's output."),
+                io.Float.Input("percent", default=0.5, min=0.01, max=0.99, step=0.01,
+                               tooltip="Where in the schedule to look (0 = pure noise, 1 = the clean image)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the added noise."),
+                io.Mask.Input("reference_mask", optional=True,
+                              tooltip="The subject in the reference photo (e.g. Grounded Mask); needed for the "
+                              "aggregated attention map."),
+            ],
+            outputs=[
+                io.Image.Output("reference_mask_map", display_name="reference mask M^f",
+                                tooltip="M^f over the image: where RRA takes the reference's features (white)."),
+                io.Image.Output("aggregated_attention", display_name="aggregated attention",
+                                tooltip="Share of each position's reference attention on the reference subject "
+                                "(black without a reference mask)."),
+                io.Image.Output("attention_on_reference", display_name="attention on reference",
+                                tooltip="How much attention each part of the reference receives (normalised)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, concept, reference, vae, positive, latent, percent, seed,
+                reference_mask=None) -> io.NodeOutput:
+        keys, context = _rra_inputs(model, concept, reference, "all", None)
+        if not keys:
+            raise ConceptError(f"concept '{concept.name}': every RRA gate is closed (untrained); there is "
+                               f"nothing to show.")
+        samples = latent["samples"]
+        h, w = samples.shape[-2:]
+        levels = attention_levels(model.get_model_object("diffusion_model"))
+        shown = loss_layers(levels, keys) or keys
+        ref_latent = vae.encode(reference[:, :, :, :3])
+        maps = reference_maps(model, concept, keys, ref_latent, context, samples, positive[0][0][:1], percent, seed)
+        gate = torch.stack([rra.token_grid(maps[("gate", k)], h, w) for k in keys]).mean(0)
+        attention = torch.stack([maps[k] for k in shown]).mean(0).float()
+        # the reference is resized to the image's latent size for its pass, so both share one grid
+        if reference_mask is not None:
+            m = torch.nn.functional.interpolate(reference_mask.reshape(1, 1, *reference_mask.shape[-2:]).float(),
+                                                size=_grid(attention.shape[2], h, w), mode="area")
+            share = rra.subject_share(attention, m.flatten(1).to(attention.device).expand(attention.shape[0], -1))
+        else:
+            share = torch.zeros(attention.shape[:2], device=attention.device)
+        weights = torch.stack([maps[("gate", k)] for k in shown]).mean(0).float()
+        received = rra.received_attention(attention, weights if float(weights.sum()) > 0 else None)
+        received = received / received.amax(dim=1, keepdim=True).clamp_min(1e-8)
+        return io.NodeOutput(_as_image(gate, 8), _as_image(rra.token_grid(share, h, w), 8),
+                             _as_image(rra.token_grid(received, h, w), 8))
+
+
+def _grid(tokens: int, h: int, w: int) -> tuple[int, int]:
+    scale = (h * w / tokens) ** 0.5
+    return max(1, round(h / scale)), max(1, round(w / scale))
+
+
+def _as_image(values: torch.Tensor, upscale: int) -> torch.Tensor:
+    """(B, h, w) in [0, 1] -> IMAGE (B, h*upscale, w*upscale, 3), grey levels."""
+    big = torch.nn.functional.interpolate(values[:, None].float(), scale_factor=upscale, mode="nearest")
+    return bchw_to_image(big.clamp(0, 1).expand(-1, 3, -1, -1))
+
+
+NODES = [EqDiffRRAPatch, EqDiffReferenceMaps]

@@ -266,3 +266,28 @@ def test_long_prompts_and_other_reference_contexts(gated):
     ref_cond = encode(c, long_prompt)
     patched = rra_patch(m, concept, vae, cache=False, reference_conditioning=ref_cond)
     assert torch.isfinite(sample(patched, c)).all()
+
+
+def test_reference_maps_show_the_gate_and_the_subject_share(tiny, tiny_shapes):
+    model, clip, vae = tiny
+    concept = random_concept(*tiny_shapes, gate=0.6, seed=4)
+    for params in concept.rra.values():
+        params["h_r.weight"][-1] = 0.0
+        params["h_r.bias"][-1] = 0.25  # M^f = clamp(0.25) = 0.25 at every position of every layer
+    m, c, _ = run("EqDiffApplyConcept", model=model, clip=clip, concept=concept, strength=1.0, token="")
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))}
+    common = dict(model=m, concept=concept, reference=REF, vae=vae, positive=encode(c, "a photo of <testconcept> dog"),
+                  latent=latent, percent=0.5, seed=0)
+    gate, share, received = run("EqDiffReferenceMaps", **common, reference_mask=torch.ones(1, 64, 64))
+    assert gate.shape == (1, 64, 64, 3) and torch.allclose(gate, torch.full_like(gate, 0.25), atol=1e-6)
+    assert torch.allclose(share, torch.ones_like(share), atol=1e-4)  # every row of A sums to 1
+    assert 0.5 < float(received.max()) <= 1.0 and float(received.min()) >= 0  # normalised, then upsampled
+    left = torch.zeros(1, 64, 64)
+    left[:, :, :32] = 1.0
+    half = run("EqDiffReferenceMaps", **common, reference_mask=left)[1]
+    assert 0.0 < float(half.mean()) < 1.0
+    none = run("EqDiffReferenceMaps", **common)[1]
+    assert float(none.max()) == 0.0
+    closed = random_concept(*tiny_shapes, gate=None, seed=5)  # zero H_r: untrained
+    with pytest.raises(ValueError, match="every RRA gate is closed"):
+        run("EqDiffReferenceMaps", **{**common, "concept": closed})
