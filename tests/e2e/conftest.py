@@ -30,6 +30,15 @@ def write_test_concepts(folder: Path) -> None:
     (folder / CORRUPT_CONCEPT).write_bytes(data[: len(data) // 3])
 
 
+def write_metric_models(folder: Path) -> None:
+    """Tiny random CLIP and DINO folders under the default names of Customization Metrics, so that
+    workflows keeping the defaults (clip-vit-base-patch32, dino-vits16) run in the server."""
+    from metric_models import write_tiny_clip, write_tiny_dino
+
+    write_tiny_clip(folder / "clip-vit-base-patch32")
+    write_tiny_dino(folder / "dino-vits16")
+
+
 @pytest.fixture(scope="session")
 def server():
     """One real ComfyUI server (127.0.0.1, CPU) with this pack for the whole e2e session; concept files
@@ -38,8 +47,10 @@ def server():
     concepts = ARTIFACTS / "concepts"
     concepts.mkdir(parents=True)
     write_test_concepts(concepts)
+    metric_models = ARTIFACTS / "eqdiff_metrics"
+    write_metric_models(metric_models)
     yaml_path = ARTIFACTS / "extra_model_paths.yaml"
-    yaml_path.write_text(f"eqdiff_tests:\n    eqdiff: {concepts}\n")
+    yaml_path.write_text(f"eqdiff_tests:\n    eqdiff: {concepts}\n    eqdiff_metrics: {metric_models}\n")
     srv = ComfyServer(ARTIFACTS / "server", comfy_dir=COMFY_DIR, python=ENV / "venv" / "bin" / "python",
                       extra_model_paths=[yaml_path])
     write_frontend_settings(srv.work_dir / "user")

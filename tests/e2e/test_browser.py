@@ -13,7 +13,8 @@ UI_WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 # What a CPU can run in seconds: 64 px latents and a few steps.
 CPU_SIZED = {"EmptyLatentImage": {"width": 64, "height": 64}, "EqDiffEquilibratedSampler": {"steps": 3},
              "EqDiffLoadSubject": {"size": 64}, "EqDiffTrainerOptions": {"resolution": 64},
-             "EqDiffFDTETrainer": {"steps": 2, "batch_size": 1, "precision": "fp32"}}
+             "EqDiffFDTETrainer": {"steps": 2, "batch_size": 1, "precision": "fp32"},
+             "EqDiffPromptList": {"count": 2}}
 
 
 def new_history_entry(server, before: set, timeout=120) -> str:
