@@ -344,17 +344,17 @@ def test_missing_bert_folder_says_where_and_what(folders, extra_folder, loader):
     import folder_paths
 
     shutil.copy(folders / "grounding-dino" / "tiny_swint.safetensors", extra_folder / "grounding-dino" / "nobert.safetensors")
-    bert = folders / "grounding-dino" / core.BERT_FOLDER
-    hidden = folders / "bert-hidden"
-    bert.rename(hidden)
+    paths = folder_paths.folder_names_and_paths["grounding-dino"][0]
+    saved = paths[:]
+    paths[:] = [str(extra_folder / "grounding-dino")]  # the only grounding-dino folder: it has no BERT
     try:
         with pytest.raises(ValueError) as err:
             loader.execute(grounding_dino="nobert.safetensors", sam="tiny_vit.pth", device="cpu", precision="auto")
-        msg = str(err.value)
-        assert "config.json" in msg and "vocab.txt" in msg and core.BERT_FOLDER in msg
-        assert str(folders / "grounding-dino") in msg and folder_paths.models_dir in msg
     finally:
-        hidden.rename(bert)
+        paths[:] = saved
+    msg = str(err.value)
+    assert "config.json" in msg and "vocab.txt" in msg and core.BERT_FOLDER in msg
+    assert str(extra_folder / "grounding-dino") in msg and folder_paths.models_dir in msg
 
 
 def test_bert_folder_checks(folders, tmp_path):
