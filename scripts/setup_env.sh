@@ -115,4 +115,18 @@ fi
 # The built-in tiny checkpoint (random weights, SD1.5 layout); rewritten only when its generator changes.
 "$VPY" "$REPO/scripts/tiny_checkpoint.py" --comfy "$COMFY" \
   --out "$COMFY/models/checkpoints/eqdiff_tiny_sd15.safetensors" >/dev/null
+# Built-in tiny GroundingDINO + SAM (random weights, written by the original libraries) and their BERT
+# folder, so that the quickstart's Grounded Mask runs without downloads. Made once.
+GD=$COMFY/models/grounding-dino
+if [ ! -f "$GD/eqdiff_tiny_swint.safetensors" ] || [ ! -f "$COMFY/models/sams/eqdiff_tiny_vit.safetensors" ] \
+   || [ ! -f "$GD/bert-base-uncased/config.json" ]; then
+  TINY_GROUNDING=$(mktemp -d)
+  "$VPY" "$REPO/tests/grounding_factory.py" "$TINY_GROUNDING" >/dev/null 2>&1
+  mkdir -p "$GD" "$COMFY/models/sams"
+  cp "$TINY_GROUNDING/grounding-dino/tiny_swint.safetensors" "$GD/eqdiff_tiny_swint.safetensors"
+  cp "$TINY_GROUNDING/sams/tiny_vit.safetensors" "$COMFY/models/sams/eqdiff_tiny_vit.safetensors"
+  rm -rf "$GD/bert-base-uncased"
+  cp -r "$TINY_GROUNDING/bert" "$GD/bert-base-uncased"
+  rm -rf "$TINY_GROUNDING"
+fi
 echo "[setup] ready: python $VPY, ComfyUI $COMFY"
