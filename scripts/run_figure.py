@@ -18,10 +18,26 @@ Equilibrated Sampler``). Each NAME sets these inputs of that node (every one of 
     seed        seed, noise_seed  each of --seeds
     steps       steps             --steps (left as in the workflow when not given)
     size        width, height     --size (left as in the workflow when not given)
-    output      filename_prefix   a per-job prefix under eqdiff_runner/
+    output      filename_prefix   a per-job prefix under eqdiff_runner/; only the images of these nodes are
+                                  collected
+    subject     folder            the subject's photos (and masks/<photo>.png, if the subject folder has
+                                  them), uploaded to the server's input/eqdiff_runner/<subject>/ (Load
+                                  Subject Photos)
+    class_word  class_word        the subject's class word (FDTE Trainer)
+    name        name              --name with {subject} filled in (default "{subject}"; FDTE Trainer, Save
+                                  Concept)
+    train_steps steps             --train-steps (FDTE Trainer; left as in the workflow when not given)
 
 A workflow needs ``param:prompt`` and ``param:output``; an option given for a parameter no node carries
 is an error. Jobs are subject x prompt file x prompt x seed.
+
+Prompt List workflows. When the ``param:prompt`` node is a Prompt List (EqDiffPromptList) the runner
+writes a whole prompt file into it (list "custom", every line, the subject phrase "<token> <class word>")
+and a job is subject x prompt file x seed: the workflow samples every prompt of the file in one run and
+its param:output node saves them (one image per prompt, or images_per_prompt each, in prompt order).
+A workflow that trains (param:subject, class_word, name, train_steps) therefore trains once per job:
+use it with a Prompt List (one training per subject, prompt file and seed); with a plain prompt node
+it would train again for every prompt.
 
 Subjects. ``--subjects`` is a folder with one sub-folder of photos per subject (the DreamBooth layout)
 and ``prompts_and_classes.txt`` (the "subject_name,class" lines) giving each subject's class word;
@@ -61,11 +77,14 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 TITLE = re.compile(r"^param:([\w,]+)(?:\s.*)?$", re.S)
+TITLE_REST = re.compile(r"^param:[\w,]+\s*")
 PARAM_INPUTS = {
     "checkpoint": ("ckpt_name",), "concept": ("concept_name",), "token": ("token",), "reference": ("image",),
     "prompt": ("text",), "seed": ("seed", "noise_seed"), "steps": ("steps",), "size": ("width", "height"),
-    "output": ("filename_prefix",),
+    "output": ("filename_prefix",), "subject": ("folder",), "class_word": ("class_word",), "name": ("name",),
+    "train_steps": ("steps",),
 }
+PROMPT_LIST = "EqDiffPromptList"
 REQUIRED_PARAMS = ("prompt", "output")
 
 
@@ -116,10 +135,19 @@ def find_params(workflow: dict) -> dict[str, list[str]]:
             if name not in PARAM_INPUTS:
                 raise RunnerError(f"workflow node {node_id}: unknown parameter '{name}' in its title; known: "
                                   f"{', '.join(PARAM_INPUTS)}")
-            if not any(i in node.get("inputs", {}) for i in PARAM_INPUTS[name]):
+            if node.get("class_type") == PROMPT_LIST and name != "prompt":
+                raise RunnerError(f"workflow node {node_id} (Prompt List) is titled param:{name}; a Prompt List "
+                                  "can only be param:prompt")
+            if name == "prompt" and node.get("class_type") == PROMPT_LIST:
+                pass  # filled by fill_prompt_list
+            elif not any(i in node.get("inputs", {}) for i in PARAM_INPUTS[name]):
                 raise RunnerError(f"workflow node {node_id} ({node.get('class_type')}) is titled param:{name} but "
                                   f"has none of the inputs {', '.join(PARAM_INPUTS[name])}")
             params.setdefault(name, []).append(node_id)
+    lists = [k for k, node in workflow.items() if node.get("class_type") == PROMPT_LIST]
+    if lists and set(params.get("prompt", [])) != set(lists):
+        raise RunnerError(f"workflow nodes {', '.join(lists)}: a workflow with a Prompt List must title it (and only "
+                          "it) param:prompt, so that the runner fills in each prompt file")
     missing = [p for p in REQUIRED_PARAMS if p not in params]
     if missing:
         raise RunnerError(f"the workflow has no node titled {' or '.join('param:' + p for p in missing)}; title the "
@@ -127,11 +155,37 @@ def find_params(workflow: dict) -> dict[str, list[str]]:
     return params
 
 
+def output_names(workflow: dict, params: dict[str, list[str]]) -> dict[str, str]:
+    """A file-name-safe label per param:output node: its title after the param: part (else its id),
+    made unique with the id."""
+    labels: dict[str, str] = {}
+    for node_id in params.get("output", []):
+        rest = TITLE_REST.sub("", workflow[node_id].get("_meta", {}).get("title", ""))
+        label = re.sub(r"[^\w.-]+", "_", rest).strip("_") or f"node{node_id}"
+        labels[node_id] = f"{label}_{node_id}" if label in labels.values() else label
+    return labels
+
+
+def uses_prompt_list(workflow: dict, params: dict[str, list[str]]) -> bool:
+    return any(workflow[k].get("class_type") == PROMPT_LIST for k in params.get("prompt", []))
+
+
+def fill_prompt_list(workflow: dict, params: dict[str, list[str]], lines: list[str], phrase: str) -> dict:
+    """The Prompt List(s) titled param:prompt set to every line of a prompt file with this subject phrase."""
+    for node_id in params.get("prompt", []):
+        inputs = workflow[node_id]["inputs"]
+        inputs.update({"list": "custom", "custom_prompts": "\n".join(lines), "subject": phrase, "first_index": 0,
+                       "count": 0})
+    return workflow
+
+
 def fill(workflow: dict, params: dict[str, list[str]], values: dict) -> dict:
     """A copy of the workflow with each parameter in ``values`` written to its nodes' inputs."""
     filled = json.loads(json.dumps(workflow))
     for name, value in values.items():
         for node_id in params.get(name, []):
+            if filled[node_id].get("class_type") == PROMPT_LIST:
+                continue  # fill_prompt_list
             inputs = filled[node_id]["inputs"]
             for key in PARAM_INPUTS[name]:
                 if key in inputs:
@@ -148,6 +202,17 @@ class Server:
         self.timeout = timeout
         self.client_id = uuid.uuid4().hex
         self.http = requests.Session()
+
+    def upload_subject(self, folder: Path, subfolder: str) -> str:
+        """Every photo of a subject folder, and its masks/<photo>.png when there, into input/<subfolder>/;
+        returns the folder name Load Subject Photos takes."""
+        for photo in subject_photos(folder):
+            self.upload(photo, subfolder)
+        masks = folder / "masks"
+        if masks.is_dir():
+            for mask in sorted(masks.glob("*.png")):
+                self.upload(mask, f"{subfolder}/masks")
+        return subfolder
 
     def upload(self, path: Path, subfolder: str) -> str:
         """POST /upload/image; returns the name LoadImage takes (``subfolder/file``)."""
@@ -184,16 +249,18 @@ class Server:
             time.sleep(0.25)
         raise JobFailed(f"prompt {prompt_id} did not finish within {self.timeout:.0f} s")
 
-    def outputs(self, entry: dict) -> list[bytes]:
-        """The saved images of a finished prompt (type "output"), downloaded through /view, in node order."""
-        files = []
-        for node_id in sorted(entry.get("outputs", {}), key=lambda n: (len(n), n)):
-            for item in entry["outputs"][node_id].get("images", []):
+    def outputs(self, entry: dict, node_ids: list[str]) -> dict[str, list[bytes]]:
+        """Node id -> the images that node of a finished prompt saved (type "output"), downloaded through
+        /view in the order the node saved them; only the given nodes, each listed."""
+        files: dict[str, list[bytes]] = {}
+        for node_id in node_ids:
+            files[node_id] = []
+            for item in entry.get("outputs", {}).get(node_id, {}).get("images", []):
                 if item.get("type") == "output":
                     params = {k: item[k] for k in ("filename", "subfolder", "type") if k in item}
                     answer = self.http.get(f"{self.url}/view", params=params, timeout=120)
                     answer.raise_for_status()
-                    files.append(answer.content)
+                    files[node_id].append(answer.content)
         return files
 
 
@@ -203,17 +270,29 @@ class JobFailed(RuntimeError):
 
 # -- the run -------------------------------------------------------------------------------------------
 def plan_jobs(subjects: list[str], classes: dict[str, str], prompt_files: list[Path], seeds: list[int],
-              token_pattern: str) -> list[dict]:
+              token_pattern: str, prompt_list: bool = False) -> list[dict]:
+    """subject x prompt file x prompt x seed; with a Prompt List subject x prompt file x seed, each job
+    holding the file's lines (``lines``) and their prompts (``prompts``, also joined as ``prompt``)."""
     jobs = []
     for subject in subjects:
         token = token_pattern.format(subject=subject)
+        phrase = f"{token} {classes[subject]}"
         for prompt_file in prompt_files:
+            if prompt_list:
+                lines = read_prompts(prompt_file)
+                prompts = [line.replace("{}", phrase) for line in lines]
+                for seed in seeds:
+                    jobs.append({"id": f"{subject}/{prompt_file.stem}/all_s{seed}", "subject": subject,
+                                 "prompt_file": prompt_file.stem, "index": None, "seed": seed, "lines": lines,
+                                 "phrase": phrase, "prompts": prompts, "prompt": "\n".join(prompts), "token": token,
+                                 "class_word": classes[subject]})
+                continue
             for index, line in enumerate(read_prompts(prompt_file)):
-                prompt = line.replace("{}", f"{token} {classes[subject]}")
+                prompt = line.replace("{}", phrase)
                 for seed in seeds:
                     jobs.append({"id": f"{subject}/{prompt_file.stem}/{index:03d}_s{seed}", "subject": subject,
                                  "prompt_file": prompt_file.stem, "index": index, "seed": seed,
-                                 "prompt": prompt, "token": token})
+                                 "prompt": prompt, "token": token, "class_word": classes[subject]})
     return jobs
 
 
@@ -239,6 +318,8 @@ def run_jobs(args, server: Server, workflow: dict, params: dict, jobs: list[dict
     """Runs the unfinished jobs; returns counts of done / skipped / failed / left."""
     manifest_path = args.out / "manifest.json"
     uploaded: dict[str, str] = {}
+    subject_folders: dict[str, str] = {}
+    output_labels = output_names(workflow, params)
     counts = {"done": 0, "skipped": 0, "failed": 0, "left": 0}
     for n, job in enumerate(jobs, 1):
         if job_done(job, manifest["jobs"].get(job["id"]), args.out):
@@ -253,23 +334,47 @@ def run_jobs(args, server: Server, workflow: dict, params: dict, jobs: list[dict
             if subject not in uploaded:
                 photo = subject_photos(args.subjects / subject)[args.reference_index]
                 uploaded[subject] = server.upload(photo, f"eqdiff_runner/{subject}")
+            if "subject" in params and subject not in subject_folders:
+                subject_folders[subject] = server.upload_subject(args.subjects / subject, f"eqdiff_runner/{subject}")
             values = {"prompt": job["prompt"], "seed": job["seed"], "token": job["token"],
                       "concept": args.concept.format(subject=subject), "reference": uploaded[subject],
-                      "output": f"eqdiff_runner/{job['id'].replace('/', '_')}"}
-            values |= {k: v for k, v in (("checkpoint", args.checkpoint), ("steps", args.steps)) if v is not None}
-            if args.size is not None:
-                values["size"] = args.size
-            prompt_id = server.queue(fill(workflow, params, values))
-            images = server.outputs(server.wait(prompt_id))
-            if not images:
-                raise JobFailed("the workflow saved no image (its param:output node must be a Save Image)")
-            files = []
-            for k, data in enumerate(images):
-                rel = Path("images") / subject / job["prompt_file"] / f"{job['index']:03d}_s{job['seed']}_{k}.png"
-                write_atomic(args.out / rel, data)
-                files.append(rel.as_posix())
+                      "output": f"eqdiff_runner/{job['id'].replace('/', '_')}",
+                      "class_word": job["class_word"], "name": args.name.format(subject=subject),
+                      "subject": subject_folders.get(subject)}
+            values |= {k: v for k, v in (("checkpoint", args.checkpoint), ("steps", args.steps),
+                                         ("train_steps", args.train_steps), ("size", args.size)) if v is not None}
+            filled = fill(workflow, params, {k: v for k, v in values.items() if v is not None})
+            if job["index"] is None:
+                fill_prompt_list(filled, params, job["lines"], job["phrase"])
+            prompt_id = server.queue(filled)
+            saved = server.outputs(server.wait(prompt_id), params["output"])
+            empty = [node_id for node_id, images in saved.items() if not images]
+            if empty:
+                raise JobFailed(f"workflow node {empty[0]} (param:output) saved no image; it must be a Save Image")
+            files, file_prompts, file_outputs = [], [], []
+            for node_id, images in saved.items():
+                # several param:output nodes (variants of a figure): their label goes into the names
+                label = output_labels[node_id] if len(saved) > 1 else ""
+                part = f"_{label}" if label else ""
+                if job["index"] is None:
+                    if len(images) % len(job["prompts"]):
+                        raise JobFailed(f"workflow node {node_id} saved {len(images)} images for {len(job['prompts'])} "
+                                        "prompts; it must save the same number for every prompt")
+                    per = len(images) // len(job["prompts"])
+                    names = [f"{i // per:03d}_s{job['seed']}{part}_{i % per}.png" for i in range(len(images))]
+                    file_prompts += [job["prompts"][i // per] for i in range(len(images))]
+                else:
+                    names = [f"{job['index']:03d}_s{job['seed']}{part}_{k}.png" for k in range(len(images))]
+                    file_prompts += [job["prompt"]] * len(images)
+                file_outputs += [label] * len(images)
+                for name, data in zip(names, images):
+                    rel = Path("images") / subject / job["prompt_file"] / name
+                    write_atomic(args.out / rel, data)
+                    files.append(rel.as_posix())
             record = {**job, "status": "done", "files": files, "prompt_id": prompt_id,
-                      "seconds": round(time.monotonic() - started, 2)}
+                      "seconds": round(time.monotonic() - started, 2), "file_prompts": file_prompts}
+            if len(saved) > 1:
+                record["file_outputs"] = file_outputs
             counts["done"] += 1
             print(f"[{n}/{len(jobs)}] {job['id']}: {len(files)} image(s) in {record['seconds']} s", flush=True)
         except JobFailed as err:
@@ -302,6 +407,13 @@ def read_image(path: Path):
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
+def image_entries(record: dict) -> list[tuple[str, str, str]]:
+    """(prompt, file, output label) of each image of a finished job (older manifests: the job's prompt, no label)."""
+    n = len(record["files"])
+    return list(zip(record.get("file_prompts") or [record["prompt"]] * n, record["files"],
+                    record.get("file_outputs") or [""] * n))
+
+
 def compute_metrics(args, jobs: list[dict], manifest: dict) -> None:
     import torch
 
@@ -312,22 +424,29 @@ def compute_metrics(args, jobs: list[dict], manifest: dict) -> None:
     clip.model.to(device)
     dino.model.to(device)
     rows, images = [], []
+    # (prompt, file, output label) of every image; the label is set when the workflow saves several variants
+    # (several param:output nodes), which then get rows of their own
+    per_file = {j["id"]: image_entries(manifest["jobs"][j["id"]]) for j in jobs}
+    outputs = list(dict.fromkeys(o for entries in per_file.values() for _, _, o in entries))
     for subject in dict.fromkeys(job["subject"] for job in jobs):
         references = [read_image(p) for p in subject_photos(args.subjects / subject)]
         for prompt_file in dict.fromkeys(job["prompt_file"] for job in jobs):
-            records = [manifest["jobs"][j["id"]] for j in jobs if j["subject"] == subject
-                       and j["prompt_file"] == prompt_file]
-            files = [(r, f) for r in records for f in r["files"]]
-            result = metrics.evaluate(clip, dino, [read_image(args.out / f) for _, f in files], references,
-                                      [r["prompt"] for r, _ in files], [records[0]["token"]], args.clip_t_weight)
-            rows.append({"subject": subject, "prompt_file": prompt_file, "images": len(files),
-                         "references": len(references), **result.summary()})
-            images += [{"subject": subject, "prompt_file": prompt_file, "file": f, **row}
-                       for (_, f), row in zip(files, result.rows()[:-1])]
-            print(f"[metrics] {subject} / {prompt_file}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.summary().items()))
-    for prompt_file in dict.fromkeys(r["prompt_file"] for r in rows):
-        part = [r for r in rows if r["prompt_file"] == prompt_file]
-        rows.append({"subject": "mean", "prompt_file": prompt_file, "images": sum(r["images"] for r in part),
+            chosen = [j for j in jobs if j["subject"] == subject and j["prompt_file"] == prompt_file]
+            for output in outputs:
+                files = [(p, f) for j in chosen for p, f, o in per_file[j["id"]] if o == output]
+                if not files:
+                    continue
+                result = metrics.evaluate(clip, dino, [read_image(args.out / f) for _, f in files], references,
+                                          [p for p, _ in files], [chosen[0]["token"]], args.clip_t_weight)
+                where = {"subject": subject, "prompt_file": prompt_file} | ({"output": output} if output else {})
+                rows.append({**where, "images": len(files), "references": len(references), **result.summary()})
+                images += [{**where, "file": f, **row} for (_, f), row in zip(files, result.rows()[:-1])]
+                print(f"[metrics] {' / '.join(where.values())}: "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in result.summary().items()))
+    for group in dict.fromkeys((r["prompt_file"], r.get("output")) for r in rows):
+        part = [r for r in rows if (r["prompt_file"], r.get("output")) == group]
+        where = {"subject": "mean", "prompt_file": group[0]} | ({"output": group[1]} if group[1] else {})
+        rows.append({**where, "images": sum(r["images"] for r in part),
                      "references": sum(r["references"] for r in part),
                      **{k: sum(r[k] for r in part) / len(part) for k in ("clip_t", "clip_t_cosine", "clip_i", "dino_i")}})
     buffer = io.StringIO()
@@ -356,6 +475,8 @@ def parse_args(argv=None):
     parser.add_argument("--size", type=int, help="image width and height (param:size)")
     parser.add_argument("--concept", default="{subject}.safetensors", help="concept file name pattern (param:concept)")
     parser.add_argument("--token", default="<{subject}>", help="concept token pattern (param:token)")
+    parser.add_argument("--name", default="{subject}", help="trained concept name pattern (param:name)")
+    parser.add_argument("--train-steps", type=int, help="FDTE Trainer steps (param:train_steps)")
     parser.add_argument("--reference-index", type=int, default=0, help="which sorted photo is the reference")
     parser.add_argument("--out", required=True, type=Path, help="run folder (images, manifest, metrics)")
     parser.add_argument("--max-jobs", type=int, help="stop after this many new jobs (resume later)")
@@ -407,14 +528,26 @@ def main(argv=None) -> int:
         subjects, classes = check_args(args)
         workflow = json.loads(args.workflow.read_text())
         params = find_params(workflow)
-        given = {"checkpoint": args.checkpoint, "steps": args.steps, "size": args.size}
+        given = {"checkpoint": args.checkpoint, "steps": args.steps, "size": args.size,
+                 "train_steps": args.train_steps}
         unused = [name for name, value in given.items() if value is not None and name not in params]
         if unused:
-            raise RunnerError(f"the workflow has no node titled param:{unused[0]}, so --{unused[0]} cannot be applied")
-        jobs = plan_jobs(subjects, classes, args.prompts, args.seeds, args.token)
+            raise RunnerError(f"the workflow has no node titled param:{unused[0]}, so --{unused[0].replace('_', '-')} "
+                              "cannot be applied")
+        if uses_prompt_list(workflow, params):
+            for path in args.prompts:
+                bad = [line for line in read_prompts(path) if "{}" not in line]
+                if bad:
+                    raise RunnerError(f"--prompts: {path} has a line without {{}} ('{bad[0]}'); the Prompt List needs "
+                                      "{} where the subject goes in every line")
+        jobs = plan_jobs(subjects, classes, args.prompts, args.seeds, args.token, uses_prompt_list(workflow, params))
         settings = {"workflow": hashlib.sha256(json.dumps(workflow, sort_keys=True).encode()).hexdigest(),
                     "checkpoint": args.checkpoint, "steps": args.steps, "size": args.size, "concept": args.concept,
                     "token": args.token, "reference_index": args.reference_index}
+        if "name" in params:
+            settings["name"] = args.name
+        if args.train_steps is not None:
+            settings["train_steps"] = args.train_steps
         manifest = load_manifest(args.out / "manifest.json", settings)
     except RunnerError as err:
         print(f"[run_figure] {err}", file=sys.stderr)

@@ -110,3 +110,47 @@ def test_bad_arguments_are_refused_before_any_job(server, inputs, artifacts, tmp
     result = run_figure(server, inputs, tmp_path / "out", "--clip-model", str(tmp_path / "nowhere"))
     assert result.returncode == 2 and "clip model folder" in result.stderr and "does not exist" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+TABLE1 = REPO / "workflows" / "api" / "table1_metrics.json"
+SUBJECT_ASSETS = REPO / "workflows" / "assets" / "backpack_dog"
+
+
+def test_prompt_list_workflow_is_one_job_per_subject(server, inputs, artifacts, tmp_path):
+    """table1_metrics.json (a Prompt List) over the shipped subject folder: the runner uploads its photos and
+    masks for Load Subject Photos, writes the prompt file into the Prompt List and collects one image per
+    prompt from the param:output node only (not the saved metrics table)."""
+    subjects = tmp_path / "subjects"
+    shutil.copytree(SUBJECT_ASSETS, subjects / "backpack_dog")
+    (subjects / "prompts_and_classes.txt").write_text("subject_name,class\nbackpack_dog,backpack\n")
+    out = artifacts / "runner_table1"
+    shutil.rmtree(out, ignore_errors=True)
+    first = run_figure(server, inputs, out, "--workflow", str(TABLE1), "--subjects", str(subjects))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "1 done, 0 already done, 0 failed, 0 left (of 1)" in first.stdout
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    (job_id, job), = manifest["jobs"].items()
+    assert job_id == "backpack_dog/prompts/all_s0" and job["status"] == "done"
+    assert job["files"] == ["images/backpack_dog/prompts/000_s0_0.png", "images/backpack_dog/prompts/001_s0_0.png"]
+    assert job["file_prompts"] == ["a <backpack_dog> backpack in the jungle", "a <backpack_dog> backpack on the beach"]
+    images = [np.asarray(Image.open(out / f)) for f in job["files"]]
+    assert all(image.shape == (64, 64, 3) for image in images) and not np.array_equal(*images)
+
+    uploaded = server.input_dir / "eqdiff_runner" / "backpack_dog"  # what Load Subject Photos read
+    assert sorted(p.name for p in uploaded.glob("*.jpg")) == sorted(p.name for p in SUBJECT_ASSETS.glob("*.jpg"))
+    assert sorted(p.name for p in (uploaded / "masks").glob("*.png")) == [f"{i:02d}.png" for i in range(5)]
+    history = server.get(f"/history/{job['prompt_id']}")[job["prompt_id"]]
+    prompt = history["prompt"][2]
+    subject_node = next(n for n in prompt.values() if n["class_type"] == "EqDiffLoadSubject")
+    assert subject_node["inputs"]["folder"] == "eqdiff_runner/backpack_dog"
+    assert len(history["outputs"]) > 1, "the metrics table was saved too, and not collected"
+
+    data = json.loads((out / "metrics.json").read_text())
+    row = data["rows"][0]
+    assert (row["subject"], row["images"], row["references"]) == ("backpack_dog", 2, 5)
+    assert all(np.isfinite(row[k]) for k in ("clip_t", "clip_i", "dino_i"))
+    assert [img["prompt"] for img in data["images"]] == ["a backpack in the jungle", "a backpack on the beach"]
+
+    again = run_figure(server, inputs, out, "--workflow", str(TABLE1), "--subjects", str(subjects))
+    assert again.returncode == 0 and "0 done, 1 already done" in again.stdout
