@@ -154,3 +154,44 @@ def test_prompt_list_workflow_is_one_job_per_subject(server, inputs, artifacts, 
 
     again = run_figure(server, inputs, out, "--workflow", str(TABLE1), "--subjects", str(subjects))
     assert again.returncode == 0 and "0 done, 1 already done" in again.stdout
+
+
+def training_workflow() -> dict:
+    """train.json's Load Subject Photos + FDTE Trainer feeding table1's Prompt List generation (what a
+    figure that trains looks like), at 64 px."""
+    train = json.loads((REPO / "workflows" / "api" / "train.json").read_text())
+    table1 = json.loads(TABLE1.read_text())
+    w = {k: train[k] for k in ("1", "2", "3", "4")}
+    w["3"]["inputs"]["resolution"] = 64
+    w["2"]["inputs"]["size"] = 64
+    w["4"]["inputs"].update(batch_size=1, precision="fp32", class_word="wrong", name="wrong", steps=600)
+    for k in ("4", "6", "7", "8", "9", "10", "11", "13"):
+        w[f"t{k}"] = json.loads(json.dumps(table1[k]))
+    w["t5"] = json.loads(json.dumps(table1["5"]))
+    w["t5"]["inputs"].update(model=["4", 1], concept=["4", 0], reference=["t4", 0], vae=["1", 2])
+    for k in ("t7", "t8"):
+        w[k]["inputs"]["clip"] = ["4", 2]
+    w["t7"]["inputs"]["text"] = ["t6", 0]
+    w["t10"]["inputs"].update(model=["t5", 0], positive=["t7", 0], negative=["t8", 0], latent_image=["t9", 0])
+    w["t11"]["inputs"]["samples"] = ["t10", 0]
+    w["t13"]["inputs"]["images"] = ["t11", 0]  # Save Image straight from the list: once per prompt
+    return w
+
+
+def test_training_workflow_trains_once_per_subject_with_the_runners_values(server, inputs, artifacts, tmp_path):
+    subjects = tmp_path / "subjects"
+    shutil.copytree(SUBJECT_ASSETS, subjects / "backpack_dog")
+    (subjects / "prompts_and_classes.txt").write_text("subject_name,class\nbackpack_dog,backpack\n")
+    (tmp_path / "w.json").write_text(json.dumps(training_workflow()))
+    out = artifacts / "runner_train"
+    shutil.rmtree(out, ignore_errors=True)
+    result = run_figure(server, inputs, out, "--workflow", str(tmp_path / "w.json"), "--subjects", str(subjects),
+                        "--train-steps", "2", "--no-metrics")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (job,) = json.loads((out / "manifest.json").read_text())["jobs"].values()
+    assert job["status"] == "done" and len(job["files"]) == 2
+    prompt = server.get(f"/history/{job['prompt_id']}")[job["prompt_id"]]["prompt"][2]
+    trainer = prompt["4"]["inputs"]
+    assert (trainer["class_word"], trainer["name"], trainer["steps"]) == ("backpack", "backpack_dog", 2)
+    assert prompt["2"]["inputs"]["folder"] == "eqdiff_runner/backpack_dog"
+    assert prompt["t6"]["inputs"]["subject"] == "<backpack_dog> backpack"
