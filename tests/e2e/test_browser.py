@@ -7,24 +7,18 @@ import pytest
 
 from comfy_env import REPO
 from frontend import load_ui_workflow, open_frontend, queue_current_graph, set_widgets
+from sizing import CPU_SIZED
 
 pytestmark = pytest.mark.browser
 UI_WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-# What a CPU can run in seconds: 64 px latents and a few steps.
-CPU_SIZED = {"EmptyLatentImage": {"width": 64, "height": 64}, "EqDiffEquilibratedSampler": {"steps": 3},
-             "EqDiffLoadSubject": {"size": 64}, "EqDiffTrainerOptions": {"resolution": 64},
-             "EqDiffFDTETrainer": {"steps": 2, "batch_size": 1, "precision": "fp32"},
-             "EqDiffPromptList": {"count": 2}}
-
-
-def new_history_entry(server, before: set, timeout=120) -> str:
+def new_history_entry(server, before: set, timeout=600) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         fresh = set(server.get("/history")) - before
         if fresh:
             return fresh.pop()
         time.sleep(0.2)
-    raise TimeoutError("the frontend's prompt never reached the server's history")
+    raise TimeoutError("the frontend's prompt did not finish in time (or the server rejected it: see its log)")
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
