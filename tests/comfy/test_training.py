@@ -56,6 +56,10 @@ def session(registered_nodes, tiny, pack):
 
 
 def unet_weights(model):
+    """The weights of this MODEL: clones share one module, and the loaded clone's patches are in it."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
     return {k: v.clone() for k, v in model.get_model_object("diffusion_model").state_dict().items()}
 
 
@@ -100,7 +104,7 @@ def test_loss_falls_when_overfitting_a_fixed_batch(session, pack):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
         finally:
             backend.params = backend.rra.params = params
     assert losses[-1] < 0.7 * losses[0], losses
@@ -325,3 +329,10 @@ def test_interruption_saves_the_last_state(registered_nodes, tiny):
         comfy.model_management.interrupt_current_processing(False)
         if os.path.exists(autosave):
             os.remove(autosave)
+
+
+def test_bf16_mixed_precision_trains(registered_nodes, tiny):
+    """The bf16 path (autocast over bf16 copies, fp32 trained tensors) on the CPU; CUDA runs the same code."""
+    concept = run_trainer(registered_nodes, tiny, steps=2, precision="bf16")[0]
+    assert concept.token_lf.dtype == torch.float32 and all(torch.isfinite(t).all() for t in concept.tensors().values())
+    assert concept.metadata["precision"] == "bf16" and len(concept.metadata["loss_history"]) == 2
