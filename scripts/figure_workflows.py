@@ -1,5 +1,5 @@
 """Writes the figure workflows of the paper (API format, workflows/api/) and, with --ui, their UI form
-(workflows/) through the real frontend. The graphs are made here so that the six workflows share one
+(workflows/) through the real frontend, with seeds fixed. The graphs are made here so that the six workflows share one
 definition of "train a variant" and "generate with a concept".
 
     .comfy/venv/bin/python scripts/figure_workflows.py [--ui]
@@ -228,6 +228,8 @@ def write_ui(paths: list[Path]) -> None:
         for path in paths:
             ui = api_to_ui(server.url, json.loads(path.read_text()))
             for node in ui["nodes"]:
+                # same seeds on every run: the figures compare variants at equal seeds
+                node["widgets_values"] = ["fixed" if v == "randomize" else v for v in node.get("widgets_values", [])]
                 title = node.get("title", "")
                 if title.startswith("param:"):
                     rest = title.split(" ", 1)

@@ -21,7 +21,8 @@ CHROMIUM_ARGS = [
 
 
 # A first-time user sees a templates dialog and a banner; tests and conversions need a bare canvas.
-FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True}
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True,
+                     "LiteGraph.Canvas.MinFontSizeForLOD": 0}  # full detail at any zoom (screenshots)
 
 
 def write_frontend_settings(user_dir: Path) -> None:

@@ -24,7 +24,7 @@ def new_history_entry(server, before: set, timeout=600) -> str:
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.name)
 def test_ui_workflow_loads_queues_and_completes(server, artifacts, path):
     workflow = json.loads(path.read_text())
-    with open_frontend(server.url) as page:
+    with open_frontend(server.url, viewport=(2000, 1250)) as page:
         loaded = load_ui_workflow(page, workflow)
         assert loaded["missing"] == [], f"missing node types: {loaded['missing']}"
         assert loaded["alerts"] == [], loaded["alerts"]
@@ -39,6 +39,7 @@ def test_ui_workflow_loads_queues_and_completes(server, artifacts, path):
         entry = server.wait(new_history_entry(server, before))
         assert entry["status"]["status_str"] == "success"
         assert entry["outputs"], "the workflow output nothing"
+        page.evaluate("() => window.comfyAPI.app.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
         page.wait_for_timeout(1500)  # let the previews render before the screenshot
         page.screenshot(path=str(artifacts / f"browser_{path.stem}.png"))
         ours = [e for e in page.console_errors if "eqdiff" in e.lower()]
