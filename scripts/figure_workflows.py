@@ -140,12 +140,18 @@ def quickstart() -> dict:
     return g.nodes
 
 
-def fig1_customization() -> dict:
-    """Fig. 1: one concept under unstylized and stylized prompts."""
-    g = Graph()
+def saved_concept(g: Graph) -> tuple[str, str, str]:
+    """Checkpoint, a saved concept and its reference photo: the start of the figures that only sample."""
     ckpt = checkpoint(g)
     concept = g.add("EqDiffLoadConcept", "param:concept Load Concept", concept_name=f"{NAME}.safetensors")
     reference = g.add("LoadImage", "param:reference Reference photo", image=f"{SUBJECT}_00.jpg")
+    return ckpt, concept, reference
+
+
+def fig1_customization() -> dict:
+    """Fig. 1: one concept under unstylized and stylized prompts."""
+    g = Graph()
+    ckpt, concept, reference = saved_concept(g)
     text = UNSTYLIZED + "\n" + STYLIZED
     generate(g, ckpt, out(concept), out(reference), prompts(g, text, "param:prompt Unstylized and stylized prompts"),
              "fig1")
@@ -155,9 +161,7 @@ def fig1_customization() -> dict:
 def fig5_reference_attention() -> dict:
     """Fig. 5: the aggregated reference attention and the learned reference mask M^f of a generated image."""
     g = Graph()
-    ckpt = checkpoint(g)
-    concept = g.add("EqDiffLoadConcept", "param:concept Load Concept", concept_name=f"{NAME}.safetensors")
-    reference = g.add("LoadImage", "param:reference Reference photo", image=f"{SUBJECT}_00.jpg")
+    ckpt, concept, reference = saved_concept(g)
     ref_mask = g.add("LoadImageMask", "Reference subject mask", image=f"{SUBJECT}/masks/00.png", channel="red")
     applied, positive, sampled = generate(g, ckpt, out(concept), out(reference),
                                           prompts(g, "a {} on the beach", "param:prompt Prompt"), "fig5")
