@@ -707,7 +707,7 @@ class TrainingBackend:
     def instance_context(self, embeddings):
         rows = [[e if torch.is_tensor(t) else t for t in self.instance_tokens] for e in embeddings]
         with self._autocast():
-            return self.text(rows)[0].float()
+            return self.text(rows)[0].float().to(self.device)  # the text encoder may live on another device
 
     def class_context(self):
         return self._class_context
