@@ -155,8 +155,17 @@ def test_mgdp_keeps_the_background_clean_and_the_loss_ignores_it(tiny, session, 
     background = (data.loss_masks[order] == 0).float()
     moved = Recorder(backend, change=lambda eps: eps + 50.0 * background)
     with torch.inference_mode(False):
-        loss_moved, _ = training.training_step(params, moved, data, settings, n, training.step_generator(1, 0))
+        loss_moved, parts = training.training_step(params, moved, data, settings, n, training.step_generator(1, 0))
     assert float(loss_moved.detach()) == pytest.approx(float(loss.detach()), rel=1e-5)  # Eq. 7: outside M ignored
+    assert parts["branches"].tolist() == [training.ORIGINAL] * n
+    high = Recorder(backend)
+    settings_high = training.settings_for("official", resolution=SIZE, p_low=0.0, p_high=1.0, p_original=0.0,
+                                          ra_loss_weight=0.0, cross_attention_loss_weight=0.0, dilate_iterations=1,
+                                          dilate_kernel=3)
+    with torch.inference_mode(False):
+        _, parts = training.training_step(params, high, data, settings_high, n, training.step_generator(1, 0))
+    assert parts["branches"].tolist() == [training.HIGH] * n  # Eq. 5 with p_h = 1: the high band's latent
+    assert torch.equal(high.inputs[0][outside], data.latents[training.HIGH, order].expand(-1, 4, -1, -1)[outside])
 
 
 def test_reference_attention_loss_reaches_only_rra_parameters(session, pack):
