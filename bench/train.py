@@ -76,7 +76,7 @@ def main() -> None:
             backend = glue.TrainingBackend(model, clip, params, settings, token="<bench>", class_word="dog",
                                            dtype=dtype, gradient_checkpointing=bool(ckpt))
 
-            def run(first: int, count: int):
+            def run(first: int, count: int, params=params, backend=backend, optimizer=optimizer):
                 training.train(params, backend, data, settings, optimizer, steps=first + count,
                                batch_size=args.batch, seed=0, start_step=first)
 
@@ -96,7 +96,7 @@ def main() -> None:
                 "s_for_600_steps": 600 * per_step,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             }
-            del backend, params, optimizer
+            del run, backend, params, optimizer  # free this configuration's copies before the next one
 
     print(json.dumps({
         "benchmark": "train", "size": args.size, "batch_photos": args.batch, "batch_class_images": args.batch,

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from comfy_server import DEFAULT_ENV, REPO, ComfyServer, PromptFailed, PromptRejected
+from comfy_server import REPO, ComfyServer, PromptFailed, PromptRejected
 
 QUICKSTART_WORKFLOW = REPO / "workflows" / "api" / "eqdiff_quickstart.json"
 ASSETS = REPO / "workflows" / "assets"
