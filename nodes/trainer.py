@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -331,7 +332,7 @@ class EqDiffSaveConcept(io.ComfyNode):
     def execute(cls, concept, name, overwrite, save_embedding, keep_training_state) -> io.NodeOutput:
         folder = folder_paths.get_folder_paths(CONCEPT_FOLDER)[0]
         stem = name if overwrite else _free_stem(folder, name, ".safetensors")
-        concept.metadata = {**concept.metadata, "name": stem}
+        concept = dataclasses.replace(concept, metadata={**concept.metadata, "name": stem})  # the input stays as it is
         concept_io.save(concept, os.path.join(folder, f"{stem}.safetensors"), keep_training_state)
         if save_embedding:
             embeddings = folder_paths.get_folder_paths("embeddings")[0]
