@@ -345,3 +345,21 @@ def test_bf16_mixed_precision_trains(registered_nodes, tiny):
     concept = run_trainer(registered_nodes, tiny, steps=2, precision="bf16")[0]
     assert concept.token_lf.dtype == torch.float32 and all(torch.isfinite(t).all() for t in concept.tensors().values())
     assert concept.metadata["precision"] == "bf16" and len(concept.metadata["loss_history"]) == 2
+
+
+def test_trainer_options_override_only_what_is_set(registered_nodes, pack):
+    _, training = pack
+    node = registered_nodes["EqDiffTrainerOptions"]
+    inputs = {i.id: i.default for i in node.define_schema().inputs}
+    assert node.execute(**inputs).args[0] == {}  # everything at "preset", -1 or empty
+    changed = {**inputs, "train_rra": "off", "mask_noise": "on", "p_low": 0.3, "dilate_iterations": 2,
+               "filter_shape": "circle", "prompt_template": "a {token} {class_word}"}
+    overrides = node.execute(**changed).args[0]
+    assert overrides == {"train_rra": False, "mask_noise": True, "p_low": 0.3, "dilate_iterations": 2,
+                         "filter_shape": "circle", "prompt_template": "a {token} {class_word}"}
+    settings = training.settings_for("paper", **overrides)
+    assert settings.train_rra is False and settings.filter_shape == "circle" and settings.p_high == 0.1
+    assert node.validate_inputs(**changed) is True
+    assert "resolution" in node.validate_inputs(**{**inputs, "resolution": 100})
+    assert "prompt_template" in node.validate_inputs(**{**inputs, "prompt_template": "no token here"})
+    assert "filter_profile" in node.validate_inputs(**{**inputs, "filter_profile": "triangle"})
