@@ -32,6 +32,9 @@ RRA_LAYER_SETS = {
     "all": ("input", "middle", "output"),
 }
 
+# the two forms of L_ra (reference_attention_loss)
+LOSS_FORMS = ("official", "paper")
+
 # attention(q, k, v, heads) -> out, with q (B, N, C), k/v (B, M, C), out (B, N, C)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -178,13 +181,19 @@ def received_attention(attention: torch.Tensor, weights: torch.Tensor | None = N
     return (attention * w[:, :, None]).sum(dim=1)
 
 
-def token_grid(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Per-token values of an attention layer back on its grid, upsampled to (height, width): the layer's
-    grid keeps the latent's aspect ratio. (B, N) -> (B, height, width)."""
-    b, n = values.shape
-    scale = (height * width / n) ** 0.5
+def grid_size(tokens: int, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) grid of an attention layer with ``tokens`` positions over a height x width latent: the
+    layer's grid keeps the latent's aspect ratio."""
+    scale = (height * width / tokens) ** 0.5
     h, w = max(1, round(height / scale)), max(1, round(width / scale))
-    if h * w != n:
-        raise ValueError(f"{n} tokens do not form a grid of the {height}x{width} latent's aspect ratio")
-    grid = values.reshape(b, 1, h, w).float()
+    if h * w != tokens:
+        raise ValueError(f"{tokens} tokens do not form a grid of the {height}x{width} latent's aspect ratio")
+    return h, w
+
+
+def token_grid(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Per-token values of an attention layer back on its grid, upsampled to (height, width).
+    (B, N) -> (B, height, width)."""
+    b, n = values.shape
+    grid = values.reshape(b, 1, *grid_size(n, height, width)).float()
     return F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[:, 0]

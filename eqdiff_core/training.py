@@ -95,12 +95,9 @@ class TrainingSettings:
             raise ValueError("low_cutoff_bins and high_cutoff_bins must be positive")
         if self.resolution < 64 or self.resolution % 64:
             raise ValueError(f"resolution must be a multiple of 64 (e.g. 512), got {self.resolution}")
-        for name, choices in (("filter_shape", frequency.SHAPES), ("filter_profile", frequency.PROFILES),
-                              ("band_output", frequency.OUTPUTS), ("rra_layers", tuple(rra.RRA_LAYER_SETS))):
+        for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        if self.ra_loss_form not in ("official", "paper"):
-            raise ValueError(f"ra_loss_form must be official or paper, got {self.ra_loss_form!r}")
         if "{token}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{token}}, got {self.prompt_template!r}")
         return self
@@ -108,6 +105,12 @@ class TrainingSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+# the settings that take one of a few values
+CHOICES = {
+    "filter_shape": frequency.SHAPES, "filter_profile": frequency.PROFILES, "band_output": frequency.OUTPUTS,
+    "rra_layers": tuple(rra.RRA_LAYER_SETS), "ra_loss_form": rra.LOSS_FORMS,
+}
 
 PRESETS = {
     # what produced the paper's numbers (eqdiff-method.md), without the code's defects
@@ -365,11 +368,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def _resize_tokens(mask: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(B, 1, h, w) -> (B, tokens) by nearest resizing to the square map of the attention layer."""
-    b, _, h, w = mask.shape
-    scale = math.sqrt(h * w / tokens)
-    size = (max(1, round(h / scale)), max(1, round(w / scale)))
-    return F.interpolate(mask, size=size, mode="nearest").flatten(1)
+    """(B, 1, h, w) -> (B, tokens) by nearest resizing to the map of the attention layer."""
+    return F.interpolate(mask, size=rra.grid_size(tokens, *mask.shape[-2:]), mode="nearest").flatten(1)
 
 
 def training_step(params: ConceptParameters, backend: DiffusionBackend, data: TrainingData,

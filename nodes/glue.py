@@ -785,10 +785,13 @@ def training_data(model, vae, images, masks, class_images, settings, resolution:
     size, the canvas latent and the class images' latents (eqdiff_core.training.TrainingData)."""
     from ..eqdiff_core import training
 
+    def band_latents(pixels):  # (B, 3, R, R) -> (3, B, 4, R/8, R/8): LOW, HIGH, ORIGINAL
+        low, high = training.frequency_bands(pixels, settings)
+        return torch.stack([_encode(model, vae, low), _encode(model, vae, high), _encode(model, vae, pixels)])
+
     with torch.inference_mode(False), torch.no_grad():
         pixels = _resize_images(images, resolution)
-        low, high = training.frequency_bands(pixels, settings)
-        latents = torch.stack([_encode(model, vae, low), _encode(model, vae, high), _encode(model, vae, pixels)])
+        latents = band_latents(pixels)
         size = tuple(latents.shape[-2:])
         m = F.interpolate(masks[:, None].float().to(latents.device), size=(resolution, resolution), mode="area")[:, 0]
         loss_masks = training.latent_mask(m, size, settings.dilate_iterations, settings.dilate_kernel)
@@ -796,10 +799,7 @@ def training_data(model, vae, images, masks, class_images, settings, resolution:
         canvas = _encode(model, vae, torch.zeros_like(pixels[:1]))[0]
         prior = None
         if class_images is not None:
-            cls_pixels = _resize_images(class_images, resolution)
-            c_low, c_high = training.frequency_bands(cls_pixels, settings)
-            prior = torch.stack([_encode(model, vae, c_low), _encode(model, vae, c_high),
-                                 _encode(model, vae, cls_pixels)], dim=1)
+            prior = band_latents(_resize_images(class_images, resolution)).transpose(0, 1)
         return training.TrainingData(latents.clone(), loss_masks.clone(), subject.clone(), canvas.clone(),
                                      None if prior is None else prior.clone())
 

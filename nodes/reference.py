@@ -163,7 +163,7 @@ class EqDiffReferenceMaps(io.ComfyNode):
         # the reference is resized to the image's latent size for its pass, so both share one grid
         if reference_mask is not None:
             m = torch.nn.functional.interpolate(reference_mask.reshape(1, 1, *reference_mask.shape[-2:]).float(),
-                                                size=_grid(attention.shape[2], h, w), mode="area")
+                                                size=rra.grid_size(attention.shape[2], h, w), mode="area")
             share = rra.subject_share(attention, m.flatten(1).to(attention.device).expand(attention.shape[0], -1))
         else:
             share = torch.zeros(attention.shape[:2], device=attention.device)
@@ -172,11 +172,6 @@ class EqDiffReferenceMaps(io.ComfyNode):
         received = received / received.amax(dim=1, keepdim=True).clamp_min(1e-8)
         return io.NodeOutput(_as_image(gate, 8), _as_image(rra.token_grid(share, h, w), 8),
                              _as_image(rra.token_grid(received, h, w), 8))
-
-
-def _grid(tokens: int, h: int, w: int) -> tuple[int, int]:
-    scale = (h * w / tokens) ** 0.5
-    return max(1, round(h / scale)), max(1, round(w / scale))
 
 
 def _as_image(values: torch.Tensor, upscale: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import comfy.utils
 import folder_paths
 
 from ..eqdiff_core import concept as concept_io
-from ..eqdiff_core import frequency, rra, training
+from ..eqdiff_core import training
 from ..eqdiff_core.plot import loss_curve
 from .concept import Concept
 from .glue import (CONCEPT_FOLDER, TrainingBackend, apply_concept_to_clip, apply_concept_to_model, check_choices,
@@ -25,6 +25,13 @@ from .glue import (CONCEPT_FOLDER, TrainingBackend, apply_concept_to_clip, apply
 TrainOptions = io.Custom("EQDIFF_TRAIN_OPTIONS")
 PRESET = "preset"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_name(name: str | None) -> bool | str:
+    """A concept name is a file name and part of the prompt token."""
+    if name is not None and not NAME_PATTERN.match(name):
+        return f"name: {name!r} must start with a letter or digit and hold only letters, digits, _ . -"
+    return True
 
 OPTION_TOOLTIPS = {
     "p_low": "Probability of the low-frequency branch (S*_LF on the photo's low band), Eq. 5.",
@@ -57,10 +64,7 @@ OPTION_TOOLTIPS = {
     "prompt_template": "The training prompt; {token} and {class_word} are filled in.",
     "class_prompt": "Prompt of the class images and of the reference pass; {class_word} is filled in.",
 }
-OPTION_CHOICES = {
-    "filter_shape": frequency.SHAPES, "filter_profile": frequency.PROFILES, "band_output": frequency.OUTPUTS,
-    "rra_layers": tuple(rra.RRA_LAYER_SETS), "ra_loss_form": ("official", "paper"),
-}
+OPTION_CHOICES = training.CHOICES
 
 
 def _option_inputs() -> list:
@@ -178,11 +182,7 @@ class EqDiffFDTETrainer(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, precision=None, preset=None, name=None, **_) -> bool | str:
         ok = check_choices(cls, precision=precision, preset=preset)
-        if ok is not True:
-            return ok
-        if name is not None and not NAME_PATTERN.match(name):
-            return f"name: {name!r} must start with a letter or digit and hold only letters, digits, _ . -"
-        return True
+        return ok if ok is not True else _check_name(name)
 
     @classmethod
     def execute(cls, model, clip, vae, images, masks, class_word, name, steps, learning_rate, batch_size, seed,
@@ -196,6 +196,7 @@ class EqDiffFDTETrainer(io.ComfyNode):
     @classmethod
     def _train(cls, model, clip, vae, images, masks, class_word, name, steps, learning_rate, batch_size, seed,
                precision, gradient_checkpointing, preset, class_images, options, resume, save_every):
+        masks = masks.reshape(-1, *masks.shape[-2:])  # a single (H, W) mask is a batch of one
         _check_inputs(images, masks, class_word, learning_rate)
         settings = training.settings_for(preset, **options)
         dtype = _training_dtype(precision)
@@ -269,8 +270,6 @@ class EqDiffFDTETrainer(io.ComfyNode):
 def _check_inputs(images, masks, class_word, learning_rate) -> None:
     if images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"images: expected a batch of photos (B, H, W, C), got shape {tuple(images.shape)}")
-    if masks.ndim == 2:
-        masks = masks[None]
     if masks.shape[0] != images.shape[0]:
         raise ValueError(f"masks: {masks.shape[0]} masks for {images.shape[0]} photos; give one mask per photo, in "
                          f"the same order (Grounded Mask makes them from the same batch).")
@@ -324,9 +323,7 @@ class EqDiffSaveConcept(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, name=None, **_) -> bool | str:
-        if name is not None and not NAME_PATTERN.match(name):
-            return f"name: {name!r} must start with a letter or digit and hold only letters, digits, _ . -"
-        return True
+        return _check_name(name)
 
     @classmethod
     def execute(cls, concept, name, overwrite, save_embedding, keep_training_state) -> io.NodeOutput:

@@ -59,11 +59,11 @@ def out(node_id: str, index: int = 0) -> list:
 
 def options_inputs(**overrides) -> dict:
     """FDTE Trainer Options with every knob at its preset value except ``overrides``."""
-    from eqdiff_core.training import TrainingSettings
+    from eqdiff_core.training import CHOICES, TrainingSettings
 
     values = {}
     for f in fields(TrainingSettings):
-        if f.type == "bool" or f.name in ("filter_shape", "filter_profile", "band_output", "rra_layers", "ra_loss_form"):
+        if f.type == "bool" or f.name in CHOICES:
             values[f.name] = "preset"
         elif f.type in ("float", "int"):
             values[f.name] = -1.0 if f.type == "float" else -1

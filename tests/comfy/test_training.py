@@ -290,6 +290,9 @@ def test_bad_inputs_get_clear_errors(registered_nodes, tiny):
     assert registered_nodes["EqDiffFDTETrainer"].validate_inputs(precision="fp8") != True  # noqa: E712
     one = run_trainer(registered_nodes, tiny, steps=1, photos=photos(1))[0]  # documented: its own reference
     assert one.metadata["photos"] == 1
+    image, mask = photos(1)
+    flat = run_trainer(registered_nodes, tiny, steps=1, photos=(image, mask[0]))[0]  # a (H, W) MASK
+    assert flat.metadata["photos"] == 1
 
 
 def test_nan_loss_keeps_the_last_good_state(registered_nodes, tiny):
