@@ -37,7 +37,7 @@ CONSTRAINTS=$ENV_DIR/constraints.txt
   echo "transformers==4.57.6"
   echo "huggingface-hub<1.0"
 } > "$CONSTRAINTS"
-TEST_TOOLS="pytest==8.* pytest-timeout playwright numpy pillow requests diffusers==0.39.0"
+TEST_TOOLS="pytest==8.* pytest-timeout playwright numpy pillow requests diffusers==0.39.0 ray==2.60.0"
 # The original GroundingDINO and SAM libraries, for the grounding tests only (tests/grounding_factory.py
 # writes checkpoints in their formats and their reference outputs; the pack runs transformers' models).
 # groundingdino-py without its dependencies: its build_model imports only these.

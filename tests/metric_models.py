@@ -56,3 +56,11 @@ def write_tiny_dinov2(folder: Path, seed: int = 2) -> Path:
     BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, image_mean=IMAGENET_MEAN,
                       image_std=IMAGENET_STD).save_pretrained(folder)
     return folder
+
+
+if __name__ == "__main__":
+    # python tests/metric_models.py FOLDER: FOLDER/clip and FOLDER/dino, e.g. for the figure runner on the tiny models
+    import sys
+
+    root = Path(sys.argv[1])
+    print(write_tiny_clip(root / "clip"), write_tiny_dino(root / "dino"))

@@ -1,197 +1,239 @@
-"""scripts/run_figure.py against the real e2e server: generate.json over one subject x 2 prompts with 2
-steps, stopped after one job and resumed, then the metrics from tiny CLIP / DINO folders."""
+"""scripts/run_figure.py on a real local Ray cluster with real ComfyUI servers (the tiny models, CPU): Table 1
+over 2 subjects x 2 prompts (one unstylized, one stylized) x 2 seeds with training. One server gives the
+reference; two servers, one of them killed in the middle of a job and the driver killed and restarted,
+must give the same files, the same table and run every job to completion exactly once."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from comfy_env import REPO
 from eqdiff_core import metrics as M
 from metric_models import write_tiny_clip, write_tiny_dino
 
+pytestmark = pytest.mark.slow
+
 RUNNER = REPO / "scripts" / "run_figure.py"
-WORKFLOW = REPO / "workflows" / "api" / "generate.json"
-PHOTO = REPO / "workflows" / "assets" / "backpack_dog_00.jpg"
+ASSETS = REPO / "workflows" / "assets" / "backpack_dog"
+JOBS = 10  # 2 trainings + 2 subjects x 2 prompt sets x 2 seeds (a Prompt List: one job per set and seed)
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A DreamBooth-style subjects folder (two photos of different sizes), a 2-line prompt list and
-    tiny metric model folders."""
-    root = tmp_path_factory.mktemp("runner_inputs")
-    subject = root / "subjects" / "backpack_dog"
-    subject.mkdir(parents=True)
-    shutil.copy(PHOTO, subject / "00.jpg")
-    with Image.open(PHOTO) as photo:
-        photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((300, 300)).save(subject / "01.jpg")
-    (root / "subjects" / "prompts_and_classes.txt").write_text("Classes\n\nsubject_name,class\nbackpack_dog,backpack\n")
-    (root / "prompts.txt").write_text("a {} in the jungle\na {} on the beach")
-    return {"subjects": root / "subjects", "prompts": root / "prompts.txt",
-            "clip": write_tiny_clip(root / "clip"), "dino": write_tiny_dino(root / "dino")}
+    """Two subjects (backpack_dog with its masks; 'dog', a live subject, from the same photos mirrored), one
+    prompt per list, tiny metric models, and a short folder for Ray's sessions (its socket paths are limited)."""
+    root = tmp_path_factory.mktemp("sweep_inputs")
+    subjects = root / "subjects"
+    shutil.copytree(ASSETS, subjects / "backpack_dog")
+    (subjects / "dog").mkdir()
+    for photo in sorted(ASSETS.glob("*.jpg"))[:3]:
+        with Image.open(photo) as image:
+            image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(subjects / "dog" / photo.name)
+    (subjects / "prompts_and_classes.txt").write_text("subject_name,class\nbackpack_dog,backpack\ndog,dog\n")
+    prompts = root / "prompts"
+    prompts.mkdir()
+    for name, line in {"live": "a {} in the jungle", "nolive": "a {} on the beach", "style": "watercolor painting of a {}"}.items():
+        (prompts / f"prompt_{name}.txt").write_text(line)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="eqr", dir="/tmp"))
+    yield {"subjects": subjects, "prompts": prompts, "clip": write_tiny_clip(root / "clip"),
+           "dino": write_tiny_dino(root / "dino"), "ray_tmp": ray_tmp}
+    end_processes(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def run_figure(server, inputs, out, *extra):
-    cmd = [sys.executable, str(RUNNER), "--server", server.url, "--workflow", str(WORKFLOW),
-           "--checkpoint", "eqdiff_tiny_sd15.safetensors", "--subjects", str(inputs["subjects"]),
-           "--subset", "backpack_dog", "--prompts", str(inputs["prompts"]), "--steps", "2", "--size", "64",
-           "--out", str(out), "--clip-model", str(inputs["clip"]), "--dino-model", str(inputs["dino"]),
-           "--metrics-device", "cpu", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def command(inputs, out: Path, servers: int) -> list[str]:
+    return [sys.executable, str(RUNNER), "--table1", "--subjects", str(inputs["subjects"]), "--prompts-dir",
+            str(inputs["prompts"]), "--seeds", "0", "1", "--checkpoint", "eqdiff_tiny_sd15.safetensors",
+            "--train-steps", "2", "--train-size", "64", "--train-precision", "fp32", "--steps", "2", "--size", "64",
+            "--clip-model", str(inputs["clip"]), "--dino-model", str(inputs["dino"]), "--metrics-device", "cpu",
+            "--out", str(out), "--cpu-servers", str(servers), "--ray-temp-dir", str(inputs["ray_tmp"])]
 
 
-def test_run_stop_and_resume_then_metrics(server, inputs, artifacts):
-    out = artifacts / "runner"
+def processes_with(text: str) -> list[int]:
+    """Processes whose command line holds ``text`` (this test's Ray session folder or its servers' folders)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(entry.name))
+        except OSError:
+            pass  # gone meanwhile
+    return [pid for pid in pids if pid != os.getpid()]
+
+
+def end_processes(marker: Path, wait: float = 0.0) -> list[int]:
+    """Processes of a killed driver's Ray session (or its servers): given ``wait`` seconds to end by
+    themselves, then killed by pid. Returns those that had to be killed."""
+    deadline = time.monotonic() + wait
+    while processes_with(str(marker)) and time.monotonic() < deadline:
+        time.sleep(1)
+    left = processes_with(str(marker))
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def events(out: Path) -> list[dict]:
+    path = out / "jobs.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def busy_server(out: Path) -> int | None:
+    """The pid of a ComfyUI server of this run that is running a prompt."""
+    for pid in processes_with(f"{out}/workers"):
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"main.py" not in cmd:
+            continue
+        port = cmd[cmd.index(b"--port") + 1].decode()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/queue", timeout=2) as answer:
+                if json.load(answer)["queue_running"]:
+                    return pid
+        except OSError:
+            pass
+    return None
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, artifacts):
+    """The sweep on one server: the reference for every other run."""
+    out = artifacts / "sweep_one_server"
     shutil.rmtree(out, ignore_errors=True)
-    first = run_figure(server, inputs, out, "--max-jobs", "1")
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "stopped at --max-jobs" in first.stdout
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert [j["status"] for j in manifest["jobs"].values()] == ["done"]
-    done_id, done = next(iter(manifest["jobs"].items()))
-    assert done_id == "backpack_dog/prompts/000_s0" and done["prompt"] == "a <backpack_dog> backpack in the jungle"
-    first_file = out / done["files"][0]
-    stamp = first_file.stat().st_mtime_ns
-    assert not (out / "metrics.csv").exists()
-
-    second = run_figure(server, inputs, out)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert "1 done, 1 already done, 0 failed, 0 left (of 2)" in second.stdout
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["jobs"][done_id]["prompt_id"] == done["prompt_id"]  # not run again
-    assert first_file.stat().st_mtime_ns == stamp
-    jobs = list(manifest["jobs"].values())
-    assert [j["status"] for j in jobs] == ["done", "done"]
-    images = [np.asarray(Image.open(out / j["files"][0])) for j in jobs]
-    assert all(image.shape == (64, 64, 3) for image in images)
-    assert not np.array_equal(images[0], images[1]), "another prompt, another image"
-
-    # the runner's numbers equal the metrics computed here from the same files
-    clip, dino = M.ClipEncoder.load(str(inputs["clip"])), M.DinoEncoder.load(str(inputs["dino"]))
-    as_tensor = lambda p: torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32) / 255).permute(2, 0, 1)
-    references = [as_tensor(p) for p in sorted((inputs["subjects"] / "backpack_dog").glob("*.jpg"))]
-    want = M.evaluate(clip, dino, [as_tensor(out / j["files"][0]) for j in jobs], references,
-                      [j["prompt"] for j in jobs], ["<backpack_dog>"]).summary()
-    data = json.loads((out / "metrics.json").read_text())
-    row = data["rows"][0]
-    assert (row["subject"], row["prompt_file"], row["images"], row["references"]) == ("backpack_dog", "prompts", 2, 2)
-    for key in ("clip_t", "clip_i", "dino_i"):
-        assert row[key] == pytest.approx(want[key], abs=1e-4), key
-    assert [img["prompt"] for img in data["images"]] == ["a backpack in the jungle", "a backpack on the beach"]
-    lines = (out / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "subject,prompt_file,images,references,clip_t,clip_t_cosine,clip_i,dino_i"
-    assert lines[1].startswith("backpack_dog,prompts,2,2,") and lines[2].startswith("mean,prompts,2,2,")
-
-    other = run_figure(server, inputs, out, "--seeds", "0", "--steps", "3")
-    assert other.returncode == 2 and "holds a run with other settings (steps)" in other.stderr
+    result = subprocess.run(command(inputs, out, 1), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    return out, result
 
 
-def test_failed_jobs_are_recorded_and_the_server_keeps_serving(server, inputs, artifacts):
-    out = artifacts / "runner_failed"
-    shutil.rmtree(out, ignore_errors=True)
-    result = run_figure(server, inputs, out, "--concept", "missing_{subject}.safetensors", "--no-metrics")
-    assert result.returncode == 1 and "run again to retry" in result.stderr
+def same_content(a: Path, b: Path) -> bool:
+    """Images: the same pixels (ComfyUI writes the concept file's time into the PNG's prompt text). Concepts:
+    the same tensors and metadata (safetensors writes its metadata in a different order in each process)."""
+    if a.suffix == ".png":
+        return np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        return (fa.metadata() == fb.metadata() and set(fa.keys()) == set(fb.keys())
+                and all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys()))
+
+
+def image_as_tensor(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255).permute(2, 0, 1)
+
+
+def test_table1_on_one_server(reference, inputs):
+    out, result = reference
+    assert f"{JOBS} done, 0 already done, 0 failed, 0 left (of {JOBS})" in result.stdout
     jobs = json.loads((out / "manifest.json").read_text())["jobs"]
-    assert [j["status"] for j in jobs.values()] == ["failed", "failed"]
-    assert all("missing_backpack_dog.safetensors" in j["error"] for j in jobs.values())
-    assert server.alive()
+    assert sorted(jobs) == sorted([f"{s}/train" for s in ("backpack_dog", "dog")] + [
+        f"{s}/{p}/all_s{seed}" for s in ("backpack_dog", "dog") for p in ("unstylized", "stylized") for seed in (0, 1)])
+    assert {j["status"] for j in jobs.values()} == {"done"}
+    assert jobs["dog/unstylized/all_s0"]["file_prompts"] == ["a <dog> dog in the jungle"], "dog is live"
+    assert jobs["backpack_dog/unstylized/all_s1"]["files"] == ["images/backpack_dog/unstylized/000_s1_0.png"]
+    assert jobs["backpack_dog/stylized/all_s0"]["file_prompts"] == ["watercolor painting of a <backpack_dog> backpack"]
+    image = np.asarray(Image.open(out / jobs["dog/stylized/all_s1"]["files"][0]))
+    assert image.shape == (64, 64, 3)
+
+    # the concept was trained with the runner's values and reached the sampling jobs as a file
+    with safe_open(str(out / "concepts" / "dog.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["eqdiff_metadata"])
+    assert (meta["class_word"], meta["name"]) == ("dog", "dog")
+    assert (meta["settings"]["resolution"], meta["steps"], meta["precision"]) == (64, 2, "fp32")
+
+    # the table's numbers are eqdiff_core's metrics of the saved files
+    clip, dino = M.ClipEncoder.load(str(inputs["clip"])), M.DinoEncoder.load(str(inputs["dino"]))
+    chosen = [jobs[f"dog/unstylized/all_s{seed}"] for seed in (0, 1)]
+    references = [image_as_tensor(p) for p in sorted((inputs["subjects"] / "dog").glob("*.jpg"))]
+    want = M.evaluate(clip, dino, [image_as_tensor(out / j["files"][0]) for j in chosen], references,
+                      [j["file_prompts"][0] for j in chosen], ["<dog>"]).summary()
+    table = (out / "table.csv").read_text().splitlines()
+    assert table[0] == ("subject,class,unstylized CLIP-T,unstylized CLIP-I,unstylized DINO-I,stylized CLIP-T,"
+                        "stylized CLIP-I,stylized DINO-I")
+    dog = dict(zip(table[0].split(","), next(line for line in table if line.startswith("dog,")).split(",")))
+    for key, column in (("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino_i", "DINO-I")):
+        assert float(dog[f"unstylized {column}"]) == pytest.approx(want[key], abs=1e-5), column
+    assert table[-1].startswith("mean,,") and (out / "table.md").is_file()
+    assert Image.open(out / "table.png").size[0] > 300
+
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["seeds"] == [0, 1] and info["settings"]["checkpoint"] == "eqdiff_tiny_sd15.safetensors"
+    assert {"torch", "ray", "transformers"} <= set(info["driver"]) and set(info["metric_models"]) == {"clip", "dino"}
+    (session,) = info["sessions"]
+    assert session["workers"][0]["comfyui"] and session["counts"]["done"] == JOBS
+
+    # a finished sweep run again does nothing: no Ray, no job, no measuring, no file written
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = subprocess.run(command(inputs, out, 1), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"all {JOBS} jobs are done" in again.stdout and "up to date" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
 
 
-def test_bad_arguments_are_refused_before_any_job(server, inputs, artifacts, tmp_path):
-    no_output = {k: v for k, v in json.loads(WORKFLOW.read_text()).items() if v["class_type"] != "SaveImage"}
-    (tmp_path / "w.json").write_text(json.dumps(no_output))
-    result = run_figure(server, inputs, tmp_path / "out", "--workflow", str(tmp_path / "w.json"))
-    assert result.returncode == 2 and "no node titled param:output" in result.stderr
-    result = run_figure(server, inputs, tmp_path / "out", "--clip-model", str(tmp_path / "nowhere"))
-    assert result.returncode == 2 and "clip model folder" in result.stderr and "does not exist" in result.stderr
-    assert not (tmp_path / "out").exists()
-
-
-TABLE1 = REPO / "workflows" / "api" / "table1_metrics.json"
-SUBJECT_ASSETS = REPO / "workflows" / "assets" / "backpack_dog"
-
-
-def test_prompt_list_workflow_is_one_job_per_subject(server, inputs, artifacts, tmp_path):
-    """table1_metrics.json (a Prompt List) over the shipped subject folder: the runner uploads its photos and
-    masks for Load Subject Photos, writes the prompt file into the Prompt List and collects one image per
-    prompt from the param:output node only (not the saved metrics table)."""
-    subjects = tmp_path / "subjects"
-    shutil.copytree(SUBJECT_ASSETS, subjects / "backpack_dog")
-    (subjects / "prompts_and_classes.txt").write_text("subject_name,class\nbackpack_dog,backpack\n")
-    out = artifacts / "runner_table1"
+def test_two_servers_lose_nothing_when_a_server_and_the_driver_are_killed(reference, inputs, artifacts):
+    out = artifacts / "sweep_two_servers"
     shutil.rmtree(out, ignore_errors=True)
-    first = run_figure(server, inputs, out, "--workflow", str(TABLE1), "--subjects", str(subjects))
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "1 done, 0 already done, 0 failed, 0 left (of 1)" in first.stdout
+    log = open(artifacts / "sweep_two_servers.log", "w")
+    driver = subprocess.Popen(command(inputs, out, 2), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # one server killed while it runs a prompt: its job goes to the other worker
+        wait_for(lambda: any(e["event"] == "done" for e in events(out)), 600, "a first finished job")
+        os.kill(wait_for(lambda: busy_server(out), 300, "a server running a job"), signal.SIGKILL)
+        lost = wait_for(lambda: [e for e in events(out) if e["event"] == "lost"], 120, "the lost job")[0]
+        again = wait_for(lambda: [e for e in events(out) if e["event"] == "done" and e["job"] == lost["job"]], 300,
+                         f"{lost['job']} run again")[0]
+        assert again["worker"] != lost["worker"], "the lost job went to the other worker"
+        # then the driver dies while jobs are left
+        done_before = {e["job"] for e in events(out) if e["event"] == "done"}
+        assert len(done_before) < JOBS, "the sweep ended before the driver could be killed"
+        driver.kill()
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        log.close()
+    # the servers die with their workers; Ray's own agents are ended here if they linger
+    assert not end_processes(out / "workers", wait=30), "a ComfyUI server outlived its killed worker"
+    end_processes(inputs["ray_tmp"], wait=5)
+    first_session = len(events(out))
 
-    manifest = json.loads((out / "manifest.json").read_text())
-    (job_id, job), = manifest["jobs"].items()
-    assert job_id == "backpack_dog/prompts/all_s0" and job["status"] == "done"
-    assert job["files"] == ["images/backpack_dog/prompts/000_s0_0.png", "images/backpack_dog/prompts/001_s0_0.png"]
-    assert job["file_prompts"] == ["a <backpack_dog> backpack in the jungle", "a <backpack_dog> backpack on the beach"]
-    images = [np.asarray(Image.open(out / f)) for f in job["files"]]
-    assert all(image.shape == (64, 64, 3) for image in images) and not np.array_equal(*images)
+    resumed = subprocess.run(command(inputs, out, 2), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-6000:] + resumed.stderr[-6000:]
+    assert f"{len(done_before)} already done" in resumed.stdout
 
-    uploaded = server.input_dir / "eqdiff_runner" / "backpack_dog"  # what Load Subject Photos read
-    assert sorted(p.name for p in uploaded.glob("*.jpg")) == sorted(p.name for p in SUBJECT_ASSETS.glob("*.jpg"))
-    assert sorted(p.name for p in (uploaded / "masks").glob("*.png")) == [f"{i:02d}.png" for i in range(5)]
-    history = server.get(f"/history/{job['prompt_id']}")[job["prompt_id"]]
-    prompt = history["prompt"][2]
-    subject_node = next(n for n in prompt.values() if n["class_type"] == "EqDiffLoadSubject")
-    assert subject_node["inputs"]["folder"] == "eqdiff_runner/backpack_dog"
-    assert len(history["outputs"]) > 1, "the metrics table was saved too, and not collected"
-
-    data = json.loads((out / "metrics.json").read_text())
-    row = data["rows"][0]
-    assert (row["subject"], row["images"], row["references"]) == ("backpack_dog", 2, 5)
-    assert all(np.isfinite(row[k]) for k in ("clip_t", "clip_i", "dino_i"))
-    assert [img["prompt"] for img in data["images"]] == ["a backpack in the jungle", "a backpack on the beach"]
-
-    again = run_figure(server, inputs, out, "--workflow", str(TABLE1), "--subjects", str(subjects))
-    assert again.returncode == 0 and "0 done, 1 already done" in again.stdout
-
-
-def training_workflow() -> dict:
-    """train.json's Load Subject Photos + FDTE Trainer feeding table1's Prompt List generation (what a
-    figure that trains looks like), at 64 px."""
-    train = json.loads((REPO / "workflows" / "api" / "train.json").read_text())
-    table1 = json.loads(TABLE1.read_text())
-    w = {k: train[k] for k in ("1", "2", "3", "4")}
-    w["3"]["inputs"]["resolution"] = 64
-    w["2"]["inputs"]["size"] = 64
-    w["4"]["inputs"].update(batch_size=1, precision="fp32", class_word="wrong", name="wrong", steps=600)
-    for k in ("4", "6", "7", "8", "9", "10", "11", "13"):
-        w[f"t{k}"] = json.loads(json.dumps(table1[k]))
-    w["t5"] = json.loads(json.dumps(table1["5"]))
-    w["t5"]["inputs"].update(model=["4", 1], concept=["4", 0], reference=["t4", 0], vae=["1", 2])
-    for k in ("t7", "t8"):
-        w[k]["inputs"]["clip"] = ["4", 2]
-    w["t7"]["inputs"]["text"] = ["t6", 0]
-    w["t10"]["inputs"].update(model=["t5", 0], positive=["t7", 0], negative=["t8", 0], latent_image=["t9", 0])
-    w["t11"]["inputs"]["samples"] = ["t10", 0]
-    w["t13"]["inputs"]["images"] = ["t11", 0]  # Save Image straight from the list: once per prompt
-    return w
-
-
-def test_training_workflow_trains_once_per_subject_with_the_runners_values(server, inputs, artifacts, tmp_path):
-    subjects = tmp_path / "subjects"
-    shutil.copytree(SUBJECT_ASSETS, subjects / "backpack_dog")
-    (subjects / "prompts_and_classes.txt").write_text("subject_name,class\nbackpack_dog,backpack\n")
-    (tmp_path / "w.json").write_text(json.dumps(training_workflow()))
-    out = artifacts / "runner_train"
-    shutil.rmtree(out, ignore_errors=True)
-    result = run_figure(server, inputs, out, "--workflow", str(tmp_path / "w.json"), "--subjects", str(subjects),
-                        "--train-steps", "2", "--no-metrics")
-    assert result.returncode == 0, result.stdout + result.stderr
-    (job,) = json.loads((out / "manifest.json").read_text())["jobs"].values()
-    assert job["status"] == "done" and len(job["files"]) == 2
-    prompt = server.get(f"/history/{job['prompt_id']}")[job["prompt_id"]]["prompt"][2]
-    trainer = prompt["4"]["inputs"]
-    assert (trainer["class_word"], trainer["name"], trainer["steps"]) == ("backpack", "backpack_dog", 2)
-    assert prompt["2"]["inputs"]["folder"] == "eqdiff_runner/backpack_dog"
-    assert prompt["t6"]["inputs"]["subject"] == "<backpack_dog> backpack"
+    done = [e["job"] for e in events(out) if e["event"] == "done"]
+    assert sorted(done) == sorted(set(done)) and len(done) == JOBS, "every job finished exactly once"
+    assert not {e["job"] for e in events(out)[first_session:] if e["event"] == "start"} & done_before, \
+        "no finished job was started again"
+    ref_out = reference[0]
+    ref_jobs = json.loads((ref_out / "manifest.json").read_text())["jobs"]
+    jobs = json.loads((out / "manifest.json").read_text())["jobs"]
+    assert {k: j["files"] for k, j in jobs.items()} == {k: j["files"] for k, j in ref_jobs.items()}
+    for job in ref_jobs.values():
+        for file in job["files"]:
+            assert same_content(out / file, ref_out / file), f"{file} differs from the one-server run"
+    assert (out / "table.csv").read_text() == (ref_out / "table.csv").read_text()
+    assert json.loads((out / "metrics.json").read_text())["rows"] == json.loads((ref_out / "metrics.json").read_text())["rows"]
+    assert not processes_with(str(out / "workers")) and not processes_with(str(inputs["ray_tmp"]))

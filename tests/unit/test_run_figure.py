@@ -1,11 +1,12 @@
-"""scripts/run_figure.py's workflow parameters without a server: training parameters, Prompt List jobs,
-output labels and the errors that stop a run before any job."""
+"""The figure runner without a server or Ray: the param: convention, the jobs and their ids, Table 1's prompt
+sets, the manifest, the table layout, and the errors that stop a run before anything starts."""
 
 import json
 
 import pytest
 
-import run_figure as R
+from figure_runner import cli, params as P, plan, table
+from figure_runner.manifest import Manifest
 
 WORKFLOW = {
     "1": {"class_type": "EqDiffLoadSubject", "inputs": {"folder": "backpack_dog", "size": 512},
@@ -17,36 +18,51 @@ WORKFLOW = {
           "_meta": {"title": "param:prompt Prompts"}},
     "4": {"class_type": "EqDiffEquilibratedSampler", "inputs": {"seed": 0, "steps": 50},
           "_meta": {"title": "param:seed,steps Sampler"}},
-    "5": {"class_type": "SaveImage", "inputs": {"filename_prefix": "a"}, "_meta": {"title": "param:output Save A"}},
+    "5": {"class_type": "SaveImage", "inputs": {"filename_prefix": "a", "images": ["4", 0]},
+          "_meta": {"title": "param:output Save A"}},
     "6": {"class_type": "SaveImage", "inputs": {"filename_prefix": "b"}, "_meta": {"title": "param:output Save A"}},
+    "7": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
 }
 
 
 def test_training_parameters_and_the_prompt_list_are_filled(tmp_path):
-    params = R.find_params(WORKFLOW)
-    assert params["train_steps"] == ["2"] and params["subject"] == ["1"] and R.uses_prompt_list(WORKFLOW, params)
+    params = P.find_params(WORKFLOW)
+    assert params["train_steps"] == ["2"] and params["subject"] == ["1"] and P.uses_prompt_list(WORKFLOW, params)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a {} in the snow\r\n\r\n{} on the beach \r\n")
-    (job,) = R.plan_jobs(["cat2"], {"cat2": "cat"}, [prompts], [7], "<{subject}>", prompt_list=True)
+    (job,) = plan.plan_jobs(["cat2"], {"cat2": "cat"}, plan.prompt_sets_from_files([prompts], ["cat2"]), [7],
+                            "<{subject}>", prompt_list=True)
     assert job["id"] == "cat2/p/all_s7" and job["prompts"] == ["a <cat2> cat in the snow", "<cat2> cat on the beach"]
-    filled = R.fill(WORKFLOW, params, {"subject": "eqdiff_runner/cat2", "class_word": "cat", "name": "cat2",
+    filled = P.fill(WORKFLOW, params, {"subject": "eqdiff_runner/cat2", "class_word": "cat", "name": "cat2",
                                        "train_steps": 5, "steps": 2, "seed": 7, "prompt": job["prompt"]})
-    R.fill_prompt_list(filled, params, job["lines"], job["phrase"])
+    P.fill_prompt_list(filled, params, job["lines"], job["phrase"])
     assert filled["1"]["inputs"]["folder"] == "eqdiff_runner/cat2"
     assert filled["2"]["inputs"] == {"class_word": "cat", "name": "cat2", "steps": 5}  # train_steps, not steps
     assert filled["4"]["inputs"] == {"seed": 7, "steps": 2}
     assert filled["3"]["inputs"] == {"list": "custom", "subject": "<cat2> cat", "first_index": 0, "count": 0,
                                      "custom_prompts": "a {} in the snow\n{} on the beach", "images_per_prompt": 1}
     assert WORKFLOW["2"]["inputs"]["steps"] == 600, "the workflow itself is not changed"
-    assert R.output_names(WORKFLOW, params) == {"5": "Save_A", "6": "Save_A_6"}
+    assert P.output_names(WORKFLOW, params) == {"5": "Save_A", "6": "Save_A_6"}
+    assert set(P.needed_by(WORKFLOW, ["5"])) == {"4", "5"}, "the preview and the other save are left out"
 
 
-def test_plain_jobs_carry_the_class_word(tmp_path):
+def test_jobs_have_deterministic_ids_and_samples_need_their_training(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a {} in the snow\nwatercolor of a {}")
-    jobs = R.plan_jobs(["dog"], {"dog": "dog"}, [prompts], [0, 1], "<{subject}>")
-    assert [j["id"] for j in jobs] == ["dog/p/000_s0", "dog/p/000_s1", "dog/p/001_s0", "dog/p/001_s1"]
-    assert {j["class_word"] for j in jobs} == {"dog"} and jobs[2]["prompt"] == "watercolor of a <dog> dog"
+    jobs = plan.plan_jobs(["dog"], {"dog": "dog"}, plan.prompt_sets_from_files([prompts], ["dog"]), [0, 1],
+                          "<{subject}>", train=True)
+    assert [j["id"] for j in jobs] == ["dog/train", "dog/p/000_s0", "dog/p/000_s1", "dog/p/001_s0", "dog/p/001_s1"]
+    assert {j["needs"] for j in jobs[1:]} == {"dog/train"} and jobs[3]["prompt"] == "watercolor of a <dog> dog"
+    assert jobs == plan.plan_jobs(["dog"], {"dog": "dog"}, plan.prompt_sets_from_files([prompts], ["dog"]), [0, 1],
+                                  "<{subject}>", train=True)
+
+
+def test_table1_gives_live_subjects_the_live_list():
+    sets = plan.table1_prompt_sets(cli.PAPER_PROMPTS, ["cat2", "teapot"], {"cat2": "cat", "teapot": "teapot"})
+    assert {s: p.name for s, p in sets["unstylized"].items()} == {"cat2": "prompt_live.txt", "teapot": "prompt_nolive.txt"}
+    assert {p.name for p in sets["stylized"].values()} == {"prompt_style.txt"}
+    assert [len(plan.read_prompts(p)) for p in (sets["unstylized"]["cat2"], sets["unstylized"]["teapot"],
+                                                sets["stylized"]["cat2"])] == [55, 55, 22]
 
 
 @pytest.mark.parametrize("change,message", [
@@ -57,11 +73,41 @@ def test_plain_jobs_carry_the_class_word(tmp_path):
 def test_bad_titles_are_refused(change, message):
     workflow = json.loads(json.dumps(WORKFLOW))
     change(workflow)
-    with pytest.raises(R.RunnerError, match=message):
-        R.find_params(workflow)
+    with pytest.raises(P.RunnerError, match=message):
+        P.find_params(workflow)
 
 
-def test_options_for_missing_parameters_and_lines_without_placeholder_stop_the_run(tmp_path, capsys):
+def test_a_training_workflow_needs_a_save_concept():
+    with pytest.raises(P.RunnerError, match="no Save Concept"):
+        P.find_params(WORKFLOW, P.TRAINING_PARAMS, "--train-workflow")
+
+
+def test_the_manifest_refuses_other_settings_and_knows_what_is_done(tmp_path):
+    manifest = Manifest.open(tmp_path, {"steps": 2})
+    job = {"id": "dog/p/000_s0", "prompt": "a dog"}
+    assert not manifest.done(job)
+    (tmp_path / "a.png").write_bytes(b"png")
+    manifest.record({**job, "status": "done", "files": ["a.png"]})
+    again = Manifest.open(tmp_path, {"steps": 2})
+    assert again.done(job) and not again.done({**job, "prompt": "another prompt"})
+    (tmp_path / "a.png").unlink()
+    assert not again.done(job), "a finished job whose file is gone is run again"
+    with pytest.raises(P.RunnerError, match=r"other settings \(steps\)"):
+        Manifest.open(tmp_path, {"steps": 3})
+
+
+def test_the_table_has_a_row_per_subject_and_the_sets_side_by_side(tmp_path):
+    scores = lambda v: {"clip_t": v, "clip_t_cosine": v / 2.5, "clip_i": v, "dino_i": v}  # noqa: E731
+    rows = [{"subject": s, "prompt_set": p, **scores(v)} for s, p, v in
+            [("cat", "unstylized", 0.8), ("cat", "stylized", 0.7), ("mean", "unstylized", 0.8), ("mean", "stylized", 0.7)]]
+    wide = table.wide_rows(rows, {"cat": "cat"})
+    assert list(wide[0]) == ["subject", "class", "unstylized CLIP-T", "unstylized CLIP-I", "unstylized DINO-I",
+                             "stylized CLIP-T", "stylized CLIP-I", "stylized DINO-I"]
+    assert [r["subject"] for r in wide] == ["cat", "mean"] and wide[0]["stylized DINO-I"] == 0.7
+    assert table.markdown(wide).splitlines()[2] == "| cat | cat | 0.800 | 0.800 | 0.800 | 0.700 | 0.700 | 0.700 |"
+
+
+def test_bad_arguments_stop_the_run_before_anything_starts(tmp_path, capsys):
     subjects = tmp_path / "subjects"
     (subjects / "dog").mkdir(parents=True)
     (subjects / "dog" / "00.jpg").write_bytes(b"")
@@ -69,14 +115,18 @@ def test_options_for_missing_parameters_and_lines_without_placeholder_stop_the_r
     workflow = tmp_path / "w.json"
     prompts = tmp_path / "p.txt"
     prompts.write_text("a {} in the snow\na dog on the beach")
-    base = ["--server", "http://127.0.0.1:9", "--subjects", str(subjects), "--prompts", str(prompts),
-            "--no-metrics", "--out", str(tmp_path / "out"), "--workflow", str(workflow)]
+    base = ["--subjects", str(subjects), "--prompts", str(prompts), "--no-metrics", "--out", str(tmp_path / "out"),
+            "--workflow", str(workflow)]
     workflow.write_text(json.dumps(WORKFLOW))
-    assert R.main(base) == 2
+    assert cli.main(base) == 2
     assert "--prompts: " in capsys.readouterr().err  # 'a dog on the beach' has no {}
     no_trainer = {k: v for k, v in WORKFLOW.items() if k != "2"}
     workflow.write_text(json.dumps(no_trainer))
     prompts.write_text("a {} in the snow")
-    assert R.main(base + ["--train-steps", "3"]) == 2
-    assert "no node titled param:train_steps, so --train-steps cannot be applied" in capsys.readouterr().err
+    assert cli.main(base + ["--train-steps", "3"]) == 2
+    assert "no workflow has a node titled param:train_steps, so --train-steps cannot be applied" in capsys.readouterr().err
+    assert cli.main(base + ["--concepts", str(tmp_path)]) == 2
+    assert f"--concepts: {tmp_path / 'dog.safetensors'} does not exist" in capsys.readouterr().err
+    assert cli.main(base[:-2] + ["--workflow", str(tmp_path / "missing.json")]) == 2
+    assert "--workflow: " in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
