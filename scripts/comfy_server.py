@@ -59,6 +59,7 @@ class ComfyServer(ComfyClient):
         cpu: bool = True,
         extra_model_paths: list[Path] = (),
         die_with_parent: bool = False,
+        base_dir: Path | None = None,
     ):
         self.work_dir = Path(work_dir)
         self.comfy_dir = Path(comfy_dir)
@@ -66,6 +67,7 @@ class ComfyServer(ComfyClient):
         self.port = port or free_port()
         self.cpu = cpu
         self.extra_model_paths = list(extra_model_paths)
+        self.base_dir = Path(base_dir) if base_dir else None  # --base-directory: models, custom_nodes
         self.die_with_parent = die_with_parent and sys.platform.startswith("linux")
         super().__init__(f"http://127.0.0.1:{self.port}")
         self.input_dir = self.work_dir / "input"
@@ -84,6 +86,8 @@ class ComfyServer(ComfyClient):
             "--user-directory", str(self.work_dir / "user"),
             "--database-url", "sqlite:///:memory:",
         ]
+        if self.base_dir:
+            cmd += ["--base-directory", str(self.base_dir)]
         if self.cpu:
             cmd.append("--cpu")
         for path in self.extra_model_paths:

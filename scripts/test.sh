@@ -3,8 +3,11 @@
 # tests/unit, tests/comfy, tests/e2e (server + browser), then the grounding tests a second time under
 # transformers 5.x (the .comfy/tf5 overlay; the venv has 4.57). Exits non-zero if either run fails.
 # Extra arguments go to a single pytest run instead.
+# Against another ComfyUI tree: EQDIFF_COMFY=/path/to/ComfyUI [EQDIFF_PYTHON=python3.X] bash scripts/test.sh
+# (an environment of its own under .comfy-envs/, see scripts/tree_env.sh).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[ -z "${EQDIFF_COMFY:-}" ] || source "$REPO/scripts/tree_env.sh"  # exports EQDIFF_ENV for the tree
 bash "$REPO/scripts/setup_env.sh" --browser
 cd "$REPO"
 ENV_DIR=${EQDIFF_ENV:-$REPO/.comfy}

@@ -7,8 +7,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ENV = Path(os.environ.get("EQDIFF_ENV", REPO / ".comfy"))
 COMFY_DIR = ENV / "ComfyUI"
-PACK_DIR = COMFY_DIR / "custom_nodes" / "eqdiff-nodes"
-TINY_CHECKPOINT = COMFY_DIR / "models" / "checkpoints" / "eqdiff_tiny_sd15.safetensors"
+# An environment for another ComfyUI tree (scripts/tree_env.sh) keeps models and custom_nodes in its own
+# base/ folder, ComfyUI's --base-directory, and writes nothing into the tree; the default environment
+# keeps them in its own ComfyUI folder.
+BASE_DIR = ENV / "base" if (ENV / "base").is_dir() else None
+PACK_DIR = (BASE_DIR or COMFY_DIR) / "custom_nodes" / "eqdiff-nodes"
+TINY_CHECKPOINT = (BASE_DIR or COMFY_DIR) / "models" / "checkpoints" / "eqdiff_tiny_sd15.safetensors"
 
 
 def use_comfy() -> None:
@@ -25,3 +29,5 @@ def use_comfy() -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = not torch.cuda.is_available()
+    if BASE_DIR is not None:
+        comfy.cli_args.args.base_directory = str(BASE_DIR)  # read when folder_paths is first imported

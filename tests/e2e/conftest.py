@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_env import COMFY_DIR, ENV, REPO, TINY_CHECKPOINT
+from comfy_env import BASE_DIR, COMFY_DIR, ENV, REPO, TINY_CHECKPOINT
 from comfy_server import ComfyServer
 from frontend import write_frontend_settings
 
@@ -52,7 +52,7 @@ def server():
     yaml_path = ARTIFACTS / "extra_model_paths.yaml"
     yaml_path.write_text(f"eqdiff_tests:\n    eqdiff: {concepts}\n    eqdiff_metrics: {metric_models}\n")
     srv = ComfyServer(ARTIFACTS / "server", comfy_dir=COMFY_DIR, python=ENV / "venv" / "bin" / "python",
-                      extra_model_paths=[yaml_path])
+                      extra_model_paths=[yaml_path], base_dir=BASE_DIR)
     write_frontend_settings(srv.work_dir / "user")
     srv.start()
     for asset in ASSETS.glob("*.jpg"):
