@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -23,6 +24,10 @@ CHROMIUM_ARGS = [
 # A first-time user sees a templates dialog and a banner; tests and conversions need a bare canvas.
 FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True,
                      "LiteGraph.Canvas.MinFontSizeForLOD": 0}  # full detail at any zoom (screenshots)
+# EQDIFF_VUE_NODES=1 or 0: the frontend's "Nodes 2.0" (nodes rendered by Vue, frontend 1.27.1 and later)
+# on or off; unset keeps the frontend's default (off up to 1.58 at least).
+if os.environ.get("EQDIFF_VUE_NODES") in ("0", "1"):
+    FRONTEND_SETTINGS["Comfy.VueNodes.Enabled"] = os.environ["EQDIFF_VUE_NODES"] == "1"
 
 
 def write_frontend_settings(user_dir: Path) -> None:
