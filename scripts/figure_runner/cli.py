@@ -239,7 +239,8 @@ def main(argv=None) -> int:
             print("[run_figure] run again to retry the failed jobs", file=sys.stderr)
             return 1
         if counts["left"]:
-            print("[run_figure] stopped at --max-jobs; run again to continue")
+            print(f"[run_figure] stopped with {counts['left']} jobs left (--max-jobs, or no worker left: see above); "
+                  "run again to continue")
             return 0
     else:
         print(f"[run_figure] all {len(jobs)} jobs are done")
@@ -256,7 +257,7 @@ def run_on_ray(args, maker: RequestMaker, manifest: Manifest, jobs: list[dict], 
     from .requests import Inputs
     from .scheduler import Scheduler
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C: cleanly
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C while Ray starts
     settings = {"comfy_dir": str(args.comfy), "python": str(args.comfy_python), "work_root": str(args.worker_dir),
                 "model_folders": model_folders, "extra_model_paths": [str(p.resolve()) for p in args.extra_model_paths],
                 "start_timeout": 600}
@@ -272,12 +273,16 @@ def run_on_ray(args, maker: RequestMaker, manifest: Manifest, jobs: list[dict], 
                   f"folder {w['folder']}", flush=True)
         started = time.time()
         scheduler = Scheduler(workers, maker, manifest, log, Inputs(), args.concepts)
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, scheduler.request_stop)
         counts = scheduler.run(jobs, args.max_jobs)
         table.write_run_info(args.out, info, {"started": started, "seconds": round(time.time() - started, 1),
                                               "ray": args.ray_address or "local", "workers": described,
                                               "counts": counts})
         return counts
     finally:
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.default_int_handler)  # while stopping, a stop ends at once
         log.close()
         if ray.is_initialized():
             cluster.stop_workers(workers)

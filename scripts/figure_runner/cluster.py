@@ -29,6 +29,7 @@ WORKER_RESTARTS = 3
 
 def connect(address: str | None, cpu_servers: int, temp_dir: Path | None) -> None:
     """Join the cluster at ``address``, or start a local one (it ends with this process)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a cluster started here reports nothing anywhere
     package = Path(__file__).resolve().parent
     runtime_env = {"py_modules": [str(package), comfy_client.__file__, comfy_server.__file__]}
     if address:

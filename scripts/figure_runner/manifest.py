@@ -58,7 +58,3 @@ class JobLog:
 
     def close(self) -> None:
         self.file.close()
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -64,8 +64,9 @@ class Inputs:
     def concept(self, subject: str, data: bytes, name: str) -> dict:
         return self.put(f"concept:{subject}", data, CONCEPT_FOLDER, name)
 
-    def has_concept(self, subject: str) -> bool:
-        return f"concept:{subject}" in self.refs
+    def concept_entry(self, subject: str) -> dict | None:
+        """The subject's concept as an upload, once it has been put."""
+        return self.refs.get(f"concept:{subject}")
 
     def drop_concept(self, subject: str) -> None:
         """Once a subject's jobs are all done its concept can leave the object store."""
@@ -80,7 +81,7 @@ class RequestMaker:
     subjects_dir: Path
     sample: Workflow
     train: Workflow | None
-    values: dict  # checkpoint, steps, size, train_steps, train_size: those given
+    values: dict  # checkpoint, steps, size, train_steps, train_size, train_precision: those given
     concept_pattern: str
     name_pattern: str
     reference_index: int
@@ -109,8 +110,8 @@ class RequestMaker:
         if "subject" in workflow.params:
             uploads += self.subject_uploads(inputs, subject)
             values["subject"] = f"{UPLOAD_FOLDER}/{subject}"
-        if inputs.has_concept(subject):
-            uploads.append(inputs.refs[f"concept:{subject}"])
+        if inputs.concept_entry(subject):
+            uploads.append(inputs.concept_entry(subject))
         filled = P.fill(workflow.nodes, workflow.params, values)
         if job["index"] is None:
             P.fill_prompt_list(filled, workflow.params, job["lines"], job["phrase"])

@@ -3,9 +3,10 @@ ready once its subject's concept is), so a slow worker holds no one back.
 
 Nothing lost: a job whose server or worker died (ServerLost, a Ray actor error) goes back to the front of
 the queue for another worker, up to MAX_LOSSES times. Nothing done twice: a job is recorded in the
-manifest the moment its files are written, and jobs the manifest has are never queued. A job whose
-workflow failed is recorded as failed (retried by the next run), and so are the samples of a subject
-whose training failed.
+manifest the moment its files are written, and jobs the manifest has are never queued; a stop (Ctrl-C,
+SIGTERM: ``request_stop``) starts no new job and lets the running ones finish and be recorded, a second
+one ends them. A job whose workflow failed is recorded as failed (retried by the next run), and so are
+the samples of a subject whose training failed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .worker import JobFailed, ServerLost
 
 MAX_LOSSES = 3  # a job lost this many times (its server or worker died each time) is failed
 PROGRESS_EVERY = 30.0  # seconds between progress lines while nothing finishes
+POLL = 1.0  # seconds between looks at a stop request while jobs run
 
 
 class Scheduler:
@@ -33,6 +35,7 @@ class Scheduler:
         self.counts = {"done": 0, "skipped": 0, "failed": 0, "left": 0, "lost": 0}
         self.seconds: dict[str, list[float]] = {"train": [], "sample": []}
         self.failed_now: set[str] = set()  # failed in this run (a failure of an earlier run is retried)
+        self.stopping = False
         self.started = time.monotonic()
 
     # -- concepts -----------------------------------------------------------------------------------
@@ -40,14 +43,13 @@ class Scheduler:
         """A sampling job's concept is in the object store (put there from OUT/concepts or --concepts
         the first time a job of the subject asks)."""
         subject = job["subject"]
-        if self.inputs.has_concept(subject):
+        if self.inputs.concept_entry(subject):
             return True
         name = self.maker.concept_pattern.format(subject=subject)
         if job["needs"]:
-            record = self.manifest.jobs.get(job["needs"])
-            if not (record and record.get("status") == "done" and self.manifest.done({"id": job["needs"]})):
+            if not self.manifest.done({"id": job["needs"]}):
                 return False
-            path = self.manifest.out / record["files"][0]
+            path = self.manifest.out / self.manifest.jobs[job["needs"]]["files"][0]
         elif self.concepts_dir:
             path = self.concepts_dir / name
         else:
@@ -77,7 +79,9 @@ class Scheduler:
                 todo.remove(job)
                 self.finish_failed(job, "its training job failed; see that job's error")
             for worker in list(idle):
-                job = self.next_job(todo, worker, avoid) if max_jobs is None or submitted < max_jobs else None
+                if self.stopping or (max_jobs is not None and submitted >= max_jobs):
+                    break
+                job = self.next_job(todo, worker, avoid)
                 if job is None:
                     continue
                 idle.remove(worker)
@@ -88,7 +92,7 @@ class Scheduler:
                 self.log.event("start", job["id"], worker=worker)
             if not running:
                 break  # nothing can start: --max-jobs reached, or no worker left
-            finished, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_EVERY)
+            finished, _ = ray.wait(list(running), num_returns=1, timeout=POLL)
             if not finished:
                 if time.monotonic() - last_line >= PROGRESS_EVERY:
                     self.progress(todo, running)
@@ -114,7 +118,17 @@ class Scheduler:
             self.progress(todo, running)
             last_line = time.monotonic()
         self.counts["left"] = len(todo)
+        if self.stopping:
+            raise KeyboardInterrupt
         return self.counts
+
+    def request_stop(self, signum, frame) -> None:
+        """A signal handler: the first stop drains, a second one ends the running jobs now."""
+        if self.stopping:
+            raise KeyboardInterrupt
+        self.stopping = True
+        print("[run_figure] stopping: no new jobs; the running ones finish and are recorded (stop again to end "
+              "them now)", flush=True)
 
     def next_job(self, todo: list[dict], worker: str, avoid: dict[str, set]) -> dict | None:
         """The first ready job this worker has not lost before; a job it lost only when every worker has."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +34,16 @@ class ServerLost(RuntimeError):
     """The server died or stopped answering during a job: the job goes to another worker."""
 
 
+def ended(server: ComfyServer, grace: float = 5.0) -> bool:
+    """Whether the server process has ended: a killed server's connections break a moment before its
+    process is gone, so it is given ``grace`` seconds."""
+    try:
+        server.proc.wait(timeout=grace)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
 class ComfyWorker:
     """``settings``: comfy_dir, python (paths valid on every node), work_root, gpu, model_folders (ComfyUI
     folder name -> path, e.g. checkpoints), extra_model_paths (YAML files), start_timeout."""
@@ -43,6 +54,9 @@ class ComfyWorker:
         self.server: ComfyServer | None = None
         self.uploaded: dict[str, str] = {}  # subfolder/name -> digest, on the current server
         self.work_dir = Path(settings["work_root"]) / f"{name}-{uuid.uuid4().hex[:8]}"
+        # One CPU thread per server on every node (Ray's own default for a one-CPU actor, made explicit): CPU
+        # results then do not depend on where a job ran, since float sums change with the thread count.
+        os.environ["OMP_NUM_THREADS"] = "1"
         self.start_server()
 
     def start_server(self) -> None:
@@ -54,7 +68,9 @@ class ComfyWorker:
         concepts.mkdir(parents=True, exist_ok=True)
         folders = {"eqdiff": concepts, **self.settings["model_folders"]}
         yaml_path = self.work_dir / "extra_model_paths.yaml"
-        yaml_path.write_text("eqdiff_runner:\n" + "".join(f'    {k}: "{v}"\n' for k, v in folders.items()))
+        # is_default: first in line, so Save Concept writes the trained concept here, where /view reads it
+        yaml_path.write_text("eqdiff_runner:\n    is_default: true\n"
+                             + "".join(f'    {k}: "{v}"\n' for k, v in folders.items()))
         self.server = ComfyServer(self.work_dir, comfy_dir=Path(self.settings["comfy_dir"]),
                                   python=Path(self.settings["python"]), cpu=not self.settings["gpu"],
                                   extra_model_paths=[yaml_path, *map(Path, self.settings["extra_model_paths"])],
@@ -98,7 +114,7 @@ class ComfyWorker:
         except TimeoutError as err:
             raise JobFailed(str(err)) from None
         except OSError as err:  # connection refused or reset, an HTTP error: is the server still there?
-            if server.alive():
+            if not ended(server):
                 raise JobFailed(f"the server answered with an error: {err}") from None
             raise ServerLost(f"{self.name}: ComfyUI died during {request['job']}; log:\n{server.log()[-2000:]}") from None
         except ServerDied as err:

@@ -1,7 +1,8 @@
 """scripts/run_figure.py on a real local Ray cluster with real ComfyUI servers (the tiny models, CPU): Table 1
 over 2 subjects x 2 prompts (one unstylized, one stylized) x 2 seeds with training. One server gives the
-reference; two servers, one of them killed in the middle of a job and the driver killed and restarted,
-must give the same files, the same table and run every job to completion exactly once."""
+reference; two servers, one of them killed in the middle of a job and the driver stopped and restarted,
+must give the same files and the same table and run every job once (the killed server's job twice). A
+driver killed outright leaves no server behind and resumes too."""
 
 import json
 import os
@@ -192,7 +193,7 @@ def test_table1_on_one_server(reference, inputs):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
 
 
-def test_two_servers_lose_nothing_when_a_server_and_the_driver_are_killed(reference, inputs, artifacts):
+def test_two_servers_lose_nothing_when_a_server_is_killed_and_the_driver_stopped(reference, inputs, artifacts):
     out = artifacts / "sweep_two_servers"
     shutil.rmtree(out, ignore_errors=True)
     log = open(artifacts / "sweep_two_servers.log", "w")
@@ -205,28 +206,32 @@ def test_two_servers_lose_nothing_when_a_server_and_the_driver_are_killed(refere
         again = wait_for(lambda: [e for e in events(out) if e["event"] == "done" and e["job"] == lost["job"]], 300,
                          f"{lost['job']} run again")[0]
         assert again["worker"] != lost["worker"], "the lost job went to the other worker"
-        # then the driver dies while jobs are left
+        # then the driver is stopped while jobs are left: it lets the running ones finish
         done_before = {e["job"] for e in events(out) if e["event"] == "done"}
-        assert len(done_before) < JOBS, "the sweep ended before the driver could be killed"
-        driver.kill()
-        driver.wait(30)
+        assert len(done_before) < JOBS, "the sweep ended before the driver could be stopped"
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(300) == 130
     finally:
         if driver.poll() is None:
             driver.kill()
         log.close()
-    # the servers die with their workers; Ray's own agents are ended here if they linger
-    assert not end_processes(out / "workers", wait=30), "a ComfyUI server outlived its killed worker"
-    end_processes(inputs["ray_tmp"], wait=5)
-    first_session = len(events(out))
+    assert "stopping: no new jobs" in (artifacts / "sweep_two_servers.log").read_text()
+    first_session = events(out)
+    ended = [e["job"] for e in first_session if e["event"] in ("done", "lost")]
+    assert sorted(e["job"] for e in first_session if e["event"] == "start") == sorted(ended), "the stop drained"
+    assert not end_processes(out / "workers", wait=15) and not end_processes(inputs["ray_tmp"], wait=15), \
+        "a stopped driver leaves no server and no Ray process"
+    done_before = {e["job"] for e in first_session if e["event"] == "done"}
 
     resumed = subprocess.run(command(inputs, out, 2), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-6000:] + resumed.stderr[-6000:]
     assert f"{len(done_before)} already done" in resumed.stdout
 
-    done = [e["job"] for e in events(out) if e["event"] == "done"]
+    everything = events(out)
+    done = [e["job"] for e in everything if e["event"] == "done"]
     assert sorted(done) == sorted(set(done)) and len(done) == JOBS, "every job finished exactly once"
-    assert not {e["job"] for e in events(out)[first_session:] if e["event"] == "start"} & done_before, \
-        "no finished job was started again"
+    starts = [e["job"] for e in everything if e["event"] == "start"]
+    assert sorted(starts) == sorted(done + [lost["job"]]), "no job ran twice but the one whose server was killed"
     ref_out = reference[0]
     ref_jobs = json.loads((ref_out / "manifest.json").read_text())["jobs"]
     jobs = json.loads((out / "manifest.json").read_text())["jobs"]
@@ -237,3 +242,41 @@ def test_two_servers_lose_nothing_when_a_server_and_the_driver_are_killed(refere
     assert (out / "table.csv").read_text() == (ref_out / "table.csv").read_text()
     assert json.loads((out / "metrics.json").read_text())["rows"] == json.loads((ref_out / "metrics.json").read_text())["rows"]
     assert not processes_with(str(out / "workers")) and not processes_with(str(inputs["ray_tmp"]))
+
+
+def test_a_killed_driver_leaves_no_server_and_failures_are_recorded(reference, inputs, tmp_path, artifacts):
+    """generate.json (one job per prompt) with --concepts: a broken concept fails its subject's jobs with the
+    file named, the others finish; the driver SIGKILLed in the middle takes its servers with it, and the next
+    run (the concept mended) does the rest."""
+    concepts = tmp_path / "concepts"
+    concepts.mkdir()
+    shutil.copy(reference[0] / "concepts" / "dog.safetensors", concepts)
+    good = (reference[0] / "concepts" / "backpack_dog.safetensors").read_bytes()
+    (concepts / "backpack_dog.safetensors").write_bytes(good[: len(good) // 3])
+    (tmp_path / "p.txt").write_text("a {} in the jungle\na {} on the beach\na {} in the snow")
+    out = artifacts / "runner_generate"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(RUNNER), "--workflow", str(REPO / "workflows" / "api" / "generate.json"),
+           "--concepts", str(concepts), "--subjects", str(inputs["subjects"]), "--prompts", str(tmp_path / "p.txt"),
+           "--checkpoint", "eqdiff_tiny_sd15.safetensors", "--steps", "2", "--size", "64", "--no-metrics",
+           "--out", str(out), "--ray-temp-dir", str(inputs["ray_tmp"])]
+    with open(artifacts / "runner_generate.log", "w") as log:
+        driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: any(e["event"] == "done" for e in events(out)), 600, "a first finished job")
+        finally:
+            driver.kill()
+            driver.wait(30)
+    assert not end_processes(out / "workers", wait=30), "a ComfyUI server outlived its killed driver"
+    end_processes(inputs["ray_tmp"], wait=5)  # Ray's agents would end by themselves within about a minute
+    jobs = json.loads((out / "manifest.json").read_text())["jobs"]
+    assert [jobs[f"backpack_dog/p/00{i}_s0"]["status"] for i in range(3)] == ["failed"] * 3
+    assert "backpack_dog.safetensors" in jobs["backpack_dog/p/000_s0"]["error"]
+    assert jobs["dog/p/000_s0"]["files"] == ["images/dog/p/000_s0_0.png"]
+    done_before = sum(j["status"] == "done" for j in jobs.values())
+
+    (concepts / "backpack_dog.safetensors").write_bytes(good)
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"{6 - done_before} done, {done_before} already done, 0 failed, 0 left (of 6)" in resumed.stdout
+    assert np.asarray(Image.open(out / "images" / "backpack_dog" / "p" / "002_s0_0.png")).shape == (64, 64, 3)
