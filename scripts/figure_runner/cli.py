@@ -40,15 +40,18 @@ import argparse
 import signal
 import sys
 import time
+import tomllib
 from pathlib import Path
 
+import ray
 from comfy_server import DEFAULT_ENV
 
+from . import cluster, metrics, plan, table
 from . import params as P
-from . import plan, table
 from .manifest import JobLog, Manifest
 from .params import RunnerError
-from .requests import RequestMaker, Workflow
+from .requests import Inputs, RequestMaker, Workflow
+from .scheduler import Scheduler
 
 REPO = Path(__file__).resolve().parents[2]
 TABLE1_WORKFLOW = REPO / "workflows" / "api" / "table1_metrics.json"
@@ -170,12 +173,12 @@ def check_metric_models(args) -> None:
         return
     if args.clip_model is None or args.dino_model is None:
         raise RunnerError("give --clip-model and --dino-model (local model folders) or --no-metrics")
-    from eqdiff_core import metrics
+    from eqdiff_core import metrics as core  # torch and transformers: loaded only when metrics are wanted
 
     try:
-        metrics.check_model_folder(str(args.clip_model), "clip", args.preprocessing)
-        metrics.check_model_folder(str(args.dino_model), "dino", args.preprocessing)
-    except metrics.MetricModelError as err:
+        core.check_model_folder(str(args.clip_model), "clip", args.preprocessing)
+        core.check_model_folder(str(args.dino_model), "dino", args.preprocessing)
+    except core.MetricModelError as err:
         raise RunnerError(str(err)) from None
 
 
@@ -206,10 +209,10 @@ def main(argv=None) -> int:
     try:
         subjects, classes = check_subjects(args)
         sample, train = read_workflows(args)
-        sets = check_prompts(args, subjects, classes, P.uses_prompt_list(sample.nodes, sample.params))
+        prompt_list = P.uses_prompt_list(sample.nodes, sample.params)
+        sets = check_prompts(args, subjects, classes, prompt_list)
         check_metric_models(args)
-        jobs = plan.plan_jobs(subjects, classes, sets, args.seeds, args.token,
-                              P.uses_prompt_list(sample.nodes, sample.params), train=train is not None)
+        jobs = plan.plan_jobs(subjects, classes, sets, args.seeds, args.token, prompt_list, train=train is not None)
         checkpoint, model_folders = checkpoint_value(args)
         given = {"checkpoint": checkpoint, "steps": args.steps, "size": args.size, "train_steps": args.train_steps,
                  "train_size": args.train_size, "train_precision": args.train_precision}
@@ -251,12 +254,6 @@ def main(argv=None) -> int:
 
 def run_on_ray(args, maker: RequestMaker, manifest: Manifest, jobs: list[dict], model_folders: dict, info: dict) -> dict:
     """Ray started or joined, the workers, the jobs; everything stopped again, also on Ctrl-C or SIGTERM."""
-    import ray
-
-    from . import cluster
-    from .requests import Inputs
-    from .scheduler import Scheduler
-
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C while Ray starts
     settings = {"comfy_dir": str(args.comfy), "python": str(args.comfy_python), "work_root": str(args.worker_dir),
                 "model_folders": model_folders, "extra_model_paths": [str(p.resolve()) for p in args.extra_model_paths],
@@ -309,15 +306,11 @@ def run_info(args, subjects, classes, sets, sample: Workflow, train: Workflow | 
 
 
 def pack_version() -> str:
-    import tomllib
-
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 def write_results(args, manifest: Manifest, jobs: list[dict], classes: dict[str, str]) -> None:
     """The metrics (measured once per set of images) and the table; nothing when both are up to date."""
-    from . import metrics
-
     records = [manifest.jobs[j["id"]] for j in jobs if j["kind"] == "sample"]
     settings = {"clip_model": str(args.clip_model.resolve()), "dino_model": str(args.dino_model.resolve()),
                 "preprocessing": args.preprocessing, "clip_t_weight": args.clip_t_weight, "device": args.metrics_device}
