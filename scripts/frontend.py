@@ -52,6 +52,14 @@ def open_frontend(url: str, viewport=(1600, 1000), ready_node_type: str = "EqDif
                 "t => window.comfyAPI?.app?.app?.graph && window.LiteGraph?.registered_node_types?.[t]",
                 arg=ready_node_type, timeout=120_000,
             )
+            # Frontends 1.4x open their start-up workflow after the graph exists; a workflow loaded before
+            # that lands in a second tab and the start-up one becomes active again (app.graph is then the
+            # default graph). Wait until the start-up workflow is open and drawn.
+            page.wait_for_function(
+                """() => { const a = window.comfyAPI.app.app, w = a.extensionManager?.workflow;
+                           return (!w || w.activeWorkflow) && a.graph?._nodes?.length > 0; }""",
+                timeout=120_000,
+            )
             yield page
         finally:
             browser.close()
