@@ -20,6 +20,8 @@ from comfy_client import ComfyClient, PromptFailed, PromptRejected  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ENV = Path(os.environ.get("EQDIFF_ENV", REPO / ".comfy"))
+# An environment for another ComfyUI tree (scripts/tree_env.sh) keeps models and custom_nodes in base/.
+DEFAULT_BASE = DEFAULT_ENV / "base" if (DEFAULT_ENV / "base").is_dir() else None
 
 
 class ServerDied(RuntimeError):
@@ -59,7 +61,7 @@ class ComfyServer(ComfyClient):
         cpu: bool = True,
         extra_model_paths: list[Path] = (),
         die_with_parent: bool = False,
-        base_dir: Path | None = None,
+        base_dir: Path | None = DEFAULT_BASE,
     ):
         self.work_dir = Path(work_dir)
         self.comfy_dir = Path(comfy_dir)
