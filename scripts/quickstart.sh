@@ -4,5 +4,6 @@
 # checkpoint instead of the built-in tiny one), --cpu, --out DIR.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[ -z "${EQDIFF_COMFY:-}" ] || source "$REPO/scripts/tree_env.sh"  # another ComfyUI tree: exports EQDIFF_ENV
 bash "$REPO/scripts/setup_env.sh"
 exec "${EQDIFF_ENV:-$REPO/.comfy}/venv/bin/python" "$REPO/scripts/quickstart.py" "$@"
