@@ -1,10 +1,10 @@
 """Equilibrated Diffusion (EqDiff) for ComfyUI: V3 entry point."""
 
-from comfy_api.latest import ComfyExtension, io
+from .nodes.comfyui.node_api import ComfyExtension
 
 
 class EqDiffExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+    async def get_node_list(self) -> list:
         from .nodes import node_list
 
         return node_list()

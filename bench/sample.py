@@ -1,7 +1,10 @@
 """Benchmark of sampling: seconds per image for (a) ComfyUI's KSampler (ddim, ddim_uniform) without RRA,
-(b) the Equilibrated Sampler with RRA (reference features computed), (c) the same with the
-reference-feature cache warm (a repeated run with a new seed), at several batch sizes, plus peak
-GPU memory. SD1.5-architecture UNet with random weights, built through ComfyUI's own classes.
+(b) the Equilibrated Sampler with RRA as the authors run it (a reference row per CFG branch, the
+reference pass on the base weights), (c) the faster options (one shared reference row; the reference
+pass through the MODEL as it is) with the difference they make to the output, (d) the official
+settings with the reference-feature cache warm (a repeated run with a new seed), at several batch
+sizes, plus peak GPU memory. SD1.5-architecture UNet with random weights, built through ComfyUI's own
+classes, with a random concept applied.
 
     .comfy/venv/bin/python bench/sample.py [--size 512] [--steps 50] [--batches 1 4] [--repeats 2]
 
@@ -39,20 +42,22 @@ def main() -> None:
     asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
     from concept_factory import model_shapes, random_concept
 
-    pack = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.nodes.glue"))
+    pack = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.nodes.comfyui.attention"))
+    weights = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.nodes.comfyui.weights"))
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
-    model = build_model(dtype)
-    dm = model.get_model_object("diffusion_model")
+    base = build_model(dtype)
+    dm = base.get_model_object("diffusion_model")
     concept = random_concept(*model_shapes({f"diffusion_model.{k}": tuple(v.shape) for k, v in dm.state_dict().items()}),
                              gate=0.5)
+    model = weights.add_concept(base, concept, 1.0)
     keys = sorted(k for k in concept.rra)
     lat = args.size // 8
     reference = torch.randn(1, 4, lat, lat, generator=torch.Generator().manual_seed(1))
     context = concept.reference_context[None]
 
-    def rra_model(cache: bool):
-        settings = pack.ReferenceSettings(cache=cache)
+    def rra_model(cache: bool, contexts: str = "per_branch", reference_weights: str = "base"):
+        settings = pack.ReferenceSettings(cache=cache, contexts=contexts, weights=reference_weights)
         return pack.ReferenceAttention(concept, keys, reference, context, settings).patch(model)
 
     g = torch.Generator().manual_seed(2)
@@ -87,11 +92,19 @@ def main() -> None:
 
             uncached = rra_model(cache=False)
             run = lambda m, seed: sampler_node.execute(m, pos, neg, latent, seed, args.steps, args.cfg, 0.0)  # noqa: E731
-            run(uncached, 0)
+            official = run(uncached, 0).args[0]["samples"]
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             case["eqdiff_rra_s_per_image"] = timed(lambda: run(uncached, 0)) / batch
             case["eqdiff_rra_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            for contexts, reference_weights in (("shared", "base"), ("per_branch", "model"), ("shared", "model")):
+                variant = rra_model(cache=False, contexts=contexts, reference_weights=reference_weights)
+                latent_out = run(variant, 0).args[0]["samples"]
+                name = f"rra_{contexts}_{reference_weights}"
+                case[f"{name}_s_per_image"] = timed(lambda: run(variant, 0)) / batch
+                case[f"{name}_over_official"] = case[f"{name}_s_per_image"] / case["eqdiff_rra_s_per_image"]
+                # how far the faster option moves the result: relative L2 of the sampled latents
+                case[f"{name}_relative_difference"] = float((latent_out - official).norm() / official.norm())
 
             cached = rra_model(cache=True)
             run(cached, 0)  # fills the cache

@@ -9,7 +9,7 @@ Each server count runs the same sweep with scripts/run_figure.py --table1 (no me
 the shipped backpack_dog photos and a mirrored copy as a live subject "dog", a training each, then the
 first 4 lines of the unstylized list and 2 of the stylized list per seed. The defaults are the built-in
 tiny models on the CPU; on a GPU machine give the real checkpoint and sizes (e.g. --checkpoint
-/models/v1-5.safetensors --train-steps 600 --steps 50 --size 512 --train-size 512 --train-precision bf16).
+/models/v1-5.safetensors --train-steps 600 --steps 50 --size 512 --train-size 512 --train-precision bf16 --class-images 200).
 
 From OUT/jobs.log (driver times) and the manifest (each job's seconds inside its worker: uploads, the
 prompt, downloads):
@@ -71,7 +71,7 @@ def sweep(args, subjects: Path, prompts: Path, out: Path, servers: int, ray_tmp:
     cmd = [sys.executable, str(REPO / "scripts" / "run_figure.py"), "--table1", "--subjects", str(subjects),
            "--prompts-dir", str(prompts), "--seeds", *map(str, range(args.seeds)), "--checkpoint", args.checkpoint,
            "--train-steps", str(args.train_steps), "--train-size", str(args.train_size), "--train-precision",
-           args.train_precision, "--steps", str(args.steps), "--size", str(args.size), "--no-metrics",
+           args.train_precision, "--class-images", str(args.class_images), "--steps", str(args.steps), "--size", str(args.size), "--no-metrics",
            "--out", str(out), "--cpu-servers", str(servers), "--ray-temp-dir", str(ray_tmp)]
     started = time.monotonic()
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2)
     parser.add_argument("--train-size", type=int, default=64)
     parser.add_argument("--train-precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--class-images", type=int, default=2, help="class images per training (the authors: 200)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--gpus", type=int, default=8, help="workers in the projection")

@@ -42,7 +42,7 @@ def main() -> None:
     from sd15 import build_model
 
     asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
-    glue = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.nodes.glue"))
+    comfy_training = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.nodes.comfyui.training"))
     training = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.eqdiff_core.training"))
     cuda = torch.cuda.is_available()
     tiny_model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint("eqdiff_tiny_sd15.safetensors")[:3]
@@ -62,18 +62,18 @@ def main() -> None:
     results = {}
     with torch.inference_mode(False):
         start = time.perf_counter()
-        data = glue.training_data(model, vae, images, masks, class_images, settings, args.size)
+        data = comfy_training.training_data(model, vae, images, masks, class_images, settings, args.size)
         sync()
         precompute_s = time.perf_counter() - start
         for config in args.configs:
             precision, _, ckpt = config.partition("+")
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-            params = glue.initial_parameters(model, clip, settings).to(data.latents.device)
+            params = comfy_training.initial_parameters(model, clip, settings).to(data.latents.device)
             optimizer = training.make_optimizer(params, 4e-5, settings)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            backend = glue.TrainingBackend(model, clip, params, settings, token="<bench>", class_word="dog",
+            backend = comfy_training.TrainingBackend(model, clip, params, settings, token="<bench>", class_word="dog",
                                            dtype=dtype, gradient_checkpointing=bool(ckpt))
 
             def run(first: int, count: int, params=params, backend=backend, optimizer=optimizer):
@@ -102,7 +102,7 @@ def main() -> None:
         "benchmark": "train", "size": args.size, "batch_photos": args.batch, "batch_class_images": args.batch,
         "unet": "tiny" if args.tiny else "sd15", "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__, "timed_steps": args.steps, "precompute_s": precompute_s,
-        "trained_parameters": sum(p.numel() for p in glue.initial_parameters(model, clip, settings).parameters()),
+        "trained_parameters": sum(p.numel() for p in comfy_training.initial_parameters(model, clip, settings).parameters()),
         "results": results,
     }, indent=2))
 

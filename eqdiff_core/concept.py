@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
+
+from .files import write_atomic
 
 FORMAT_VERSION = 1
 RRA_PARAMS = ("to_k_res", "to_v_res", "h_r.weight", "h_r.bias")
@@ -99,21 +100,11 @@ def validate(concept: Concept, source: str = "concept") -> Concept:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> str:
-    """Write a safetensors file atomically: a temporary file in the same folder, then a rename, so a
-    crash never leaves a half-written file under the final name."""
+    """Write a safetensors file atomically (``files.write_atomic``)."""
     from safetensors.torch import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return write_atomic(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def save(concept: Concept, path: str, with_training_state: bool = True) -> str:

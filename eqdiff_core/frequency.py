@@ -5,6 +5,11 @@ spectrum (Eq. 4). The authors' code uses a square box of absolute bin cutoffs on
 (50 for the low band, 5 for the high band), works on the grayscale image and trains on the
 magnitude of the inverse FFT. Every one of these choices is a parameter here.
 
+Their box (``shape="box"``) is the half-open range of bins [-c, c) along each axis, e.g. bins
+-50 ... 49 kept for the low band and -5 ... 4 removed for the high band on 512 px: one bin more on
+the negative side, so the filtered spectrum is not Hermitian and the inverse FFT is complex; they
+train on its magnitude. ``square`` is the symmetric box |k| < c, whose inverse is real.
+
 Cutoffs are fractions of the Nyquist radius, so they scale with the image size: along each axis
 the normalised frequency is ``k / (N / 2)`` for FFT bin ``k``, in [-1, 1). An absolute bin
 cutoff ``b`` on an ``N`` grid is ``bins_to_cutoff(b, N)``; the authors' 50 and 5 bins on 512 are
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-SHAPES = ("circle", "square")
+SHAPES = ("circle", "square", "box")
 PROFILES = ("ideal", "gaussian", "butterworth")
 OUTPUTS = ("signed", "magnitude")
 
@@ -53,10 +58,10 @@ def frequency_radius(
     """Normalised distance of every ``rfft2`` bin from the zero frequency.
 
     Returns a (height, width // 2 + 1) tensor laid out like ``torch.fft.rfft2``'s output (no
-    shift). ``circle`` is the Euclidean radius of Eq. 4, ``square`` the Chebyshev distance of the
-    authors' box mask. 1.0 is the Nyquist frequency along an axis.
+    shift). ``circle`` is the Euclidean radius of Eq. 4, ``square`` the Chebyshev distance (a
+    symmetric box). 1.0 is the Nyquist frequency along an axis.
     """
-    _check_choice("shape", shape, SHAPES)
+    _check_choice("shape", shape, SHAPES[:2])
     if height < 1 or width < 1:
         raise ValueError(f"image size must be at least 1x1, got {height}x{width}")
     fy = torch.fft.fftfreq(height, device=device, dtype=dtype).abs_().mul_(2.0)
@@ -119,7 +124,8 @@ def frequency_split(
         high_cutoff: the high band removes frequencies below this one; ``None`` = ``low_cutoff``.
             With equal cutoffs the bands are complementary: in ``signed`` output,
             low + high == images (after grayscale, if chosen) to float precision.
-        shape, profile, order: the filter (see ``low_pass_mask``).
+        shape, profile, order: the filter (see ``low_pass_mask``); ``box`` is the authors' box
+            (see the module doc), with the ideal profile only.
         grayscale: average the channels first (the authors' code) and repeat the result to C
             channels; otherwise every channel is filtered on its own.
         output: ``signed`` keeps the real band images; ``magnitude`` takes their absolute value,
@@ -142,17 +148,50 @@ def frequency_split(
         x = x.mean(dim=1, keepdim=True)
     h, w = x.shape[-2:]
 
-    low = low_pass(x, low_pass_mask(h, w, low_cutoff, shape, profile, order, x.device, dtype))
-    if high_cutoff == low_cutoff:
-        high = x - low
+    if shape == "box":
+        _check_choice("profile", profile, ("ideal",))
+        low, high = _box_split(x, low_cutoff, high_cutoff, output)
     else:
-        high = x - low_pass(x, low_pass_mask(h, w, high_cutoff, shape, profile, order, x.device, dtype))
-
-    if output == "magnitude":
-        low, high = low.abs(), high.abs()
+        low, high = _split(x, low_cutoff, high_cutoff, shape, profile, order, output)
     if grayscale:
         low, high = low.expand(-1, channels, -1, -1), high.expand(-1, channels, -1, -1)
     return low.contiguous(), high.contiguous()
+
+
+def _split(x, low_cutoff, high_cutoff, shape, profile, order, output):
+    """Real filters on the ``rfft2`` grid: circle or symmetric square, any profile."""
+    h, w = x.shape[-2:]
+    low = low_pass(x, low_pass_mask(h, w, low_cutoff, shape, profile, order, x.device, x.dtype))
+    if high_cutoff == low_cutoff:
+        high = x - low
+    else:
+        high = x - low_pass(x, low_pass_mask(h, w, high_cutoff, shape, profile, order, x.device, x.dtype))
+    if output == "magnitude":
+        low, high = low.abs(), high.abs()
+    return low, high
+
+
+def box_mask(height: int, width: int, cutoff: float, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The authors' box on the full (unshifted) ``fft2`` grid, (height, width): 1 where both bin
+    indices k lie in [-c, c), c = cutoff * N / 2 bins (50 on 512 px for cutoff 0.1953125)."""
+    def axis(n):
+        k = torch.fft.fftfreq(n, d=1.0 / n, device=device, dtype=torch.float64)  # integer bin indices
+        c = cutoff * n / 2
+        return (k >= -c) & (k < c)
+
+    return (axis(height)[:, None] & axis(width)[None, :]).to(dtype)
+
+
+def _box_split(x, low_cutoff, high_cutoff, output):
+    """The authors' filter: |IFFT(F B_low)| and |IFFT(F (1 - B_high))| with their box B (``signed``:
+    the real parts)."""
+    h, w = x.shape[-2:]
+    spectrum = torch.fft.fft2(x)
+    low = torch.fft.ifft2(spectrum * box_mask(h, w, low_cutoff, x.device, x.dtype))
+    high = torch.fft.ifft2(spectrum * (1.0 - box_mask(h, w, high_cutoff, x.device, x.dtype)))
+    if output == "magnitude":
+        return low.abs(), high.abs()
+    return low.real, high.real
 
 
 def band_preview(band: torch.Tensor, signed: bool = True) -> torch.Tensor:

@@ -181,6 +181,15 @@ def received_attention(attention: torch.Tensor, weights: torch.Tensor | None = N
     return (attention * w[:, :, None]).sum(dim=1)
 
 
+def loss_layers(levels: dict[str, int], rra_keys) -> list[str]:
+    """The RRA layers of L_ra: the output-block ones at the coarsest resolution. ``levels``: layer key ->
+    how many times the latent is halved there. SD1.5: the three 16x16 layers of output blocks 3-5 at
+    512 px, the authors' up_blocks.1."""
+    output = [k for k in rra_keys if k.startswith("output.")]
+    level = max((levels[k] for k in output), default=None)
+    return sorted(k for k in output if levels[k] == level)
+
+
 def grid_size(tokens: int, height: int, width: int) -> tuple[int, int]:
     """The (h, w) grid of an attention layer with ``tokens`` positions over a height x width latent: the
     layer's grid keeps the latent's aspect ratio."""

@@ -2,19 +2,20 @@
 
 One step, for a batch of photos of the subject (and optionally class images for prior preservation):
 
-1. per sample, draw the branch low / high / original with probabilities (p_l, p_h, p_o) (Eq. 5);
-   its latent is the VAE latent of the photo's low band, high band or the photo itself, and the
-   placeholder token's embedding is S*_LF, S*_HF or S*_LF + S*_HF;
-2. noise it at a uniform timestep t and keep the background clean: z'_t = M z_t + (1 - M) z_0 with
-   the dilated subject mask M at latent size (Eq. 6);
-3. another photo of the subject, augmented by scale / paste / crop, goes through the frozen base
-   UNet at t - offset (the authors: 2) with the same noise; its self-attention inputs feed RRA;
-4. loss = masked MSE of the noise prediction (Eq. 7, a per-element mean inside M)
-   + lambda_ra L_ra (Eq. 10) + lambda_ca (cross-attention mask loss, the authors' code)
-   + lambda_prior MSE on the class images.
+1. ``draw_batch``: per sample, the branch low / high / original with probabilities (p_l, p_h, p_o)
+   (Eq. 5); its latent is the VAE latent of the photo's low band, high band or the photo itself
+   (``batch_latents``), and the placeholder token's embedding is S*_LF, S*_HF or S*_LF + S*_HF;
+2. ``masked_noising``: noise at a uniform timestep t, the background kept clean:
+   z'_t = M z_t + (1 - M) z_0 with the dilated subject mask M at latent size (Eq. 6);
+3. ``reference_pass``: another photo of the subject, augmented by scale / paste / crop, goes through
+   the frozen base UNet at t - offset (the authors: 2) with the same noise; its self-attention
+   inputs feed RRA;
+4. ``text_context``: the instance prompt with the branch's embedding at the placeholder;
+5. ``losses``: the masked MSE of the noise prediction (Eq. 7) + lambda_ra L_ra (Eq. 10)
+   + lambda_ca (cross-attention mask loss, the authors' code) + lambda_prior MSE on the class images.
 
 The model is reached through the small ``DiffusionBackend`` interface, so the step runs under
-ComfyUI (``nodes/glue.py``) and in plain tests alike. All randomness of a step comes from a
+ComfyUI (``nodes/comfyui/training.py``) and in plain tests alike. All randomness of a step comes from a
 generator seeded by (seed, step): a run resumed at step k draws what an uninterrupted run draws.
 """
 
@@ -45,20 +46,22 @@ class TrainingSettings:
     p_high: float = 0.1
     p_original: float = 0.8
     branches_on_prior: bool = True        # the authors' code also draws branches for class images
-    filter_shape: str = "square"          # frequency split of the photos (eqdiff_core.frequency)
+    filter_shape: str = "box"             # frequency split of the photos (eqdiff_core.frequency)
     filter_profile: str = "ideal"
     grayscale: bool = True
     band_output: str = "magnitude"
     low_cutoff_bins: float = 50.0         # FFT bins on a 512 grid, scaled to the training resolution
     high_cutoff_bins: float = 5.0
-    init_token: str = "ktn"               # both embeddings start as this (rare) token's embedding
+    init_token: str = "ktn"               # both embeddings start as this vocabulary entry's row (rare)
     # what is trained
     train_kv: bool = True                 # cross-attention K/V of every layer (Custom Diffusion)
     train_rra: bool = True
+    detach_start_token: bool = True       # no gradient through the start token's K/V (Custom Diffusion)
     rra_layers: str = "middle+output"
     # MGDP (Eq. 6-7)
     mask_noise: bool = True               # Eq. 6
     masked_loss: bool = True              # Eq. 7
+    masked_loss_normalisation: str = "mask_area"  # Eq. 7 divided by sum(M) (authors) or by C sum(M)
     dilate_iterations: int = 5            # 5x5 max-pool dilations at latent size
     dilate_kernel: int = 5
     # reference
@@ -76,7 +79,9 @@ class TrainingSettings:
     resolution: int = 512                 # photos are resized to resolution x resolution
     # prompts
     prompt_template: str = "photo of a {token} {class_word}"
-    class_prompt: str = "photo of a {class_word}"
+    class_prompt: str = "{class_word}"    # the class images' prompt (the authors: train.sh's INIT_TOKEN)
+    reference_prompt: str = "instance"    # the photos' reference pass reads the instance prompt or the class prompt
+    inference_reference_prompt: str = "photo of a {class_word}"  # stored in the concept for the RRA Patch
 
     def validate(self) -> "TrainingSettings":
         probs = (self.p_low, self.p_high, self.p_original)
@@ -100,6 +105,9 @@ class TrainingSettings:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if "{token}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{token}}, got {self.prompt_template!r}")
+        for name in ("class_prompt", "inference_reference_prompt"):
+            if "{token}" in getattr(self, name):
+                raise ValueError(f"{name} must not contain {{token}} (it is a plain prompt), got {getattr(self, name)!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -110,6 +118,7 @@ class TrainingSettings:
 CHOICES = {
     "filter_shape": frequency.SHAPES, "filter_profile": frequency.PROFILES, "band_output": frequency.OUTPUTS,
     "rra_layers": tuple(rra.RRA_LAYER_SETS), "ra_loss_form": rra.LOSS_FORMS,
+    "masked_loss_normalisation": ("mask_area", "elements"), "reference_prompt": ("instance", "class"),
 }
 
 PRESETS = {
@@ -119,7 +128,8 @@ PRESETS = {
     # the norm of Eq. 10, no cross-attention loss, branches only for the subject's photos
     "paper": TrainingSettings(branches_on_prior=False, filter_shape="circle", grayscale=False,
                               band_output="signed", reference_timestep_offset=0, ra_loss_form="paper",
-                              cross_attention_loss_weight=0.0),
+                              cross_attention_loss_weight=0.0, masked_loss_normalisation="elements",
+                              class_prompt="photo of a {class_word}", reference_prompt="class"),
 }
 
 
@@ -180,13 +190,15 @@ def mask_guided_latent(z_t: torch.Tensor, z0: torch.Tensor, mask: torch.Tensor) 
     return mask * z_t + (1 - mask) * z0
 
 
-def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 7 as a per-element mean inside the mask: sum(M (eps_hat - eps)^2) / (C sum(M)) per sample,
-    averaged over the batch; (B, C, h, w), (B, C, h, w), (B, 1, h, w) -> scalar. Outside M the
-    prediction has no influence."""
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               normalisation: str = "mask_area") -> torch.Tensor:
+    """Eq. 7: per sample sum_{c,h,w} M (eps_hat - eps)^2 divided by sum_{h,w} M (``mask_area``, the
+    authors' code) or by C sum_{h,w} M (``elements``: a per-element mean inside the mask), averaged
+    over the batch; (B, C, h, w), (B, C, h, w), (B, 1, h, w) -> scalar. Outside M the prediction has
+    no influence."""
     err = (prediction.float() - target.float()) ** 2 * mask
-    per_sample = err.flatten(1).sum(1) / (mask.flatten(1).sum(1) * prediction.shape[1]).clamp_min(1e-8)
-    return per_sample.mean()
+    area = mask.flatten(1).sum(1) * (prediction.shape[1] if normalisation == "elements" else 1)
+    return (err.flatten(1).sum(1) / area.clamp_min(1e-8)).mean()
 
 
 def cross_attention_mask_loss(token_attention: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
@@ -354,6 +366,9 @@ class DiffusionBackend(Protocol):
     def class_context(self) -> torch.Tensor:
         """The class prompt's context (1, L, D), fixed."""
 
+    def reference_context(self) -> torch.Tensor:
+        """The context of the reference pass for the subject's photos (1, L, D), fixed."""
+
     def reference_features(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
         """A pass of the frozen base UNet over reference latents; returns what ``predict`` reads."""
 
@@ -362,9 +377,136 @@ class DiffusionBackend(Protocol):
         """The trained UNet's noise prediction; attention maps are recorded for the first rows."""
 
 
+@dataclass
+class Batch:
+    """What one step trains on: ``photos`` (B,) indices of the subject's photos and their ``branches``
+    (B,) drawn by Eq. 5; ``priors`` (P,) indices of class images and their branches (P = 0 without
+    prior preservation)."""
+
+    photos: torch.Tensor
+    branches: torch.Tensor
+    priors: torch.Tensor
+    prior_branches: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.photos.shape[0]
+
+    @property
+    def rows(self) -> int:
+        return self.photos.shape[0] + self.priors.shape[0]
+
+
+@dataclass
+class LossParts:
+    """The loss of one step and its terms, detached (None where a term is off)."""
+
+    total: torch.Tensor
+    denoise: torch.Tensor                              # Eq. 7
+    prior: torch.Tensor | None = None                  # prior preservation on the class images
+    reference_attention: torch.Tensor | None = None    # L_ra, Eq. 10
+    cross_attention: torch.Tensor | None = None        # the placeholder's cross-attention mask loss
+
+    def values(self) -> dict[str, float]:
+        """{"loss": total, term: value} as floats, for logs and the loss history."""
+        terms = {"loss": self.total, "denoise": self.denoise, "prior": self.prior, "ra": self.reference_attention,
+                 "cross_attention": self.cross_attention}
+        return {k: float(v) for k, v in terms.items() if v is not None}
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The step's own random stream: a function of (seed, step) only."""
     return torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
+
+
+def draw_batch(data: TrainingData, settings: TrainingSettings, batch_size: int, generator: torch.Generator) -> Batch:
+    """Step 1: the photos (without repeats while there are enough), as many class images for prior
+    preservation, and each sample's branch, Eq. 5 (class images: ORIGINAL unless ``branches_on_prior``)."""
+    n = data.photos
+    photos = (torch.randperm(n, generator=generator)[:batch_size] if batch_size <= n
+              else torch.randint(0, n, (batch_size,), generator=generator))
+    n_prior = 0 if data.prior_latents is None or settings.prior_loss_weight == 0 else batch_size
+    priors = torch.randint(0, data.prior_latents.shape[0], (n_prior,), generator=generator) if n_prior \
+        else torch.zeros(0, dtype=torch.long)
+    probs = (settings.p_low, settings.p_high, settings.p_original)
+    branches = draw_branches(batch_size, probs, generator)
+    prior_branches = (draw_branches(n_prior, probs, generator) if settings.branches_on_prior
+                      else torch.full((n_prior,), ORIGINAL, dtype=torch.long))
+    return Batch(photos, branches, priors, prior_branches)
+
+
+def batch_latents(data: TrainingData, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent of each sample's branch, (rows, 4, h, w), and its loss mask (rows, 1, h, w): the
+    dilated subject mask for photos, all ones for class images."""
+    device = data.latents.device
+    z0 = data.latents[batch.branches.to(device), batch.photos.to(device)]
+    masks = data.loss_masks[batch.photos.to(device)]
+    if batch.priors.numel():
+        z0 = torch.cat([z0, data.prior_latents[batch.priors.to(device), batch.prior_branches.to(device)]])
+        masks = torch.cat([masks, torch.ones_like(masks[:1]).expand(batch.priors.numel(), -1, -1, -1)])
+    return z0, masks
+
+
+def masked_noising(z0: torch.Tensor, masks: torch.Tensor, alphas_cumprod: torch.Tensor, settings: TrainingSettings,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 2: a uniform timestep and noise per sample; the subject is noised and the background kept
+    clean, z'_t = M z_t + (1 - M) z_0 (Eq. 6). Returns (timesteps (rows,), noise, z'_t)."""
+    timesteps = torch.randint(0, alphas_cumprod.shape[0], (z0.shape[0],), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+    z_t = noisy_latent(z0, noise, alphas_cumprod[timesteps.to(z0.device)])
+    if settings.mask_noise:
+        z_t = mask_guided_latent(z_t, z0, masks)
+    return timesteps.to(z0.device), noise, z_t
+
+
+def reference_latents(data: TrainingData, batch: Batch, settings: TrainingSettings,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3a: each photo's reference is another photo of the subject (itself when there is one), each
+    class image's its own flipped copy, augmented by scale / paste / crop; (rows, 4, h, w) and the
+    references' subject masks (B, 1, h, w) for the photos."""
+    n = data.photos
+    latents, masks = [], []
+    for photo in batch.photos.tolist():
+        others = [j for j in range(n) if j != photo] or [photo]
+        other = others[int(torch.randint(0, len(others), (1,), generator=generator))]
+        lat, m = data.latents[ORIGINAL, other], data.subject_masks[other]
+        if settings.reference_augment:
+            lat, m = augment_reference(lat, m, data.canvas, generator)
+        latents.append(lat)
+        masks.append(m)
+    for j in batch.priors.tolist():
+        lat, m = data.prior_latents[j, ORIGINAL], torch.ones_like(data.subject_masks[0])
+        if settings.reference_augment:
+            lat, m = augment_reference(lat, m, data.canvas, generator, flip=True)
+        latents.append(lat)
+    return torch.stack(latents), torch.stack(masks)
+
+
+def reference_pass(backend: DiffusionBackend, data: TrainingData, batch: Batch, timesteps: torch.Tensor,
+                   noise: torch.Tensor, settings: TrainingSettings, generator: torch.Generator):
+    """Step 3: the references through the frozen base UNet at t - offset with the samples' own noise
+    (the authors: offset 2); the photos' references read ``reference_context``, the class images' the
+    class prompt. Returns (what ``predict`` reads, the references' subject masks (B, 1, h, w))."""
+    ref_z0, ref_masks = reference_latents(data, batch, settings, generator)
+    ref_t = (timesteps - settings.reference_timestep_offset).clamp_min(0)
+    ref_x = noisy_latent(ref_z0, noise, backend.alphas_cumprod[ref_t])
+    context = [backend.reference_context().expand(batch.size, -1, -1)]
+    if batch.priors.numel():
+        context.append(backend.class_context().expand(batch.priors.numel(), -1, -1))
+    with torch.no_grad():
+        return backend.reference_features(ref_x, ref_t, torch.cat(context)), ref_masks
+
+
+def text_context(params: "ConceptParameters", backend: DiffusionBackend, batch: Batch) -> torch.Tensor:
+    """Step 4: the instance prompt with S*_LF, S*_HF or S*_LF + S*_HF at the placeholder per photo
+    (Eq. 5; each distinct branch encoded once), the class prompt for class images; (rows, L, D)."""
+    token = branch_embeddings(params.token_lf, params.token_hf, batch.branches)
+    unique = batch.branches.unique()
+    encoded = backend.instance_context(token[[int((batch.branches == b).nonzero()[0]) for b in unique.tolist()]])
+    context = encoded[torch.searchsorted(unique, batch.branches).to(encoded.device)]
+    if batch.priors.numel():
+        context = torch.cat([context, backend.class_context().to(context.dtype).expand(batch.priors.numel(), -1, -1)])
+    return context
 
 
 def _resize_tokens(mask: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -372,89 +514,42 @@ def _resize_tokens(mask: torch.Tensor, tokens: int) -> torch.Tensor:
     return F.interpolate(mask, size=rra.grid_size(tokens, *mask.shape[-2:]), mode="nearest").flatten(1)
 
 
-def training_step(params: ConceptParameters, backend: DiffusionBackend, data: TrainingData,
-                  settings: TrainingSettings, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """The loss of one step (before backward) and its parts (detached scalar tensors; no device sync)."""
-    device = data.latents.device
-    n_photos = data.photos
-    photos = (torch.randperm(n_photos, generator=generator)[:batch_size] if batch_size <= n_photos
-              else torch.randint(0, n_photos, (batch_size,), generator=generator))
-    n_prior = 0 if data.prior_latents is None or settings.prior_loss_weight == 0 else batch_size
-    priors = torch.randint(0, data.prior_latents.shape[0], (n_prior,), generator=generator) if n_prior else None
-    probs = (settings.p_low, settings.p_high, settings.p_original)
-    branches = draw_branches(batch_size, probs, generator)
-    prior_branches = (draw_branches(n_prior, probs, generator) if settings.branches_on_prior
-                      else torch.full((n_prior,), ORIGINAL, dtype=torch.long))
-
-    z0 = data.latents[branches.to(device), photos.to(device)]
-    masks = data.loss_masks[photos.to(device)]
-    if n_prior:
-        z0 = torch.cat([z0, data.prior_latents[priors.to(device), prior_branches.to(device)]])
-        masks = torch.cat([masks, torch.ones_like(masks[:1]).expand(n_prior, -1, -1, -1)])
-    rows = batch_size + n_prior
-    timesteps = torch.randint(0, backend.alphas_cumprod.shape[0], (rows,), generator=generator)
-    noise = torch.randn(z0.shape, generator=generator).to(device, z0.dtype)
-    alpha = backend.alphas_cumprod[timesteps.to(device)]
-    z_t = noisy_latent(z0, noise, alpha)
-    if settings.mask_noise:
-        z_t = mask_guided_latent(z_t, z0, masks)  # Eq. 6
-
-    reference = None
-    reference_masks = None
-    if settings.train_rra and params.rra_keys:
-        ref_latents, ref_masks = [], []
-        for i, photo in enumerate(photos.tolist()):
-            others = [j for j in range(n_photos) if j != photo] or [photo]
-            other = others[int(torch.randint(0, len(others), (1,), generator=generator))]
-            lat, m = data.latents[ORIGINAL, other], data.subject_masks[other]
-            if settings.reference_augment:
-                lat, m = augment_reference(lat, m, data.canvas, generator)
-            ref_latents.append(lat)
-            ref_masks.append(m)
-        for j in (priors.tolist() if n_prior else []):
-            lat = data.prior_latents[j, ORIGINAL]
-            m = torch.ones_like(data.subject_masks[0])
-            if settings.reference_augment:
-                lat, m = augment_reference(lat, m, data.canvas, generator, flip=True)
-            ref_latents.append(lat)
-            ref_masks.append(m)
-        ref_z0 = torch.stack(ref_latents)
-        reference_masks = torch.stack(ref_masks[:batch_size])
-        ref_t = (timesteps - settings.reference_timestep_offset).clamp_min(0)
-        ref_x = noisy_latent(ref_z0, noise, backend.alphas_cumprod[ref_t.to(device)])
-        with torch.no_grad():
-            reference = backend.reference_features(ref_x, ref_t.to(device), backend.class_context().expand(rows, -1, -1))
-
-    token = branch_embeddings(params.token_lf, params.token_hf, branches)
-    unique = branches.unique()
-    encoded = backend.instance_context(token[[int((branches == b).nonzero()[0]) for b in unique.tolist()]])
-    context = encoded[torch.searchsorted(unique, branches).to(encoded.device)]
-    if n_prior:
-        context = torch.cat([context, backend.class_context().to(context.dtype).expand(n_prior, -1, -1)])
-
-    out = backend.predict(z_t, timesteps.to(device), context, reference, recorded_rows=batch_size)
+def losses(out: StepOutput, noise: torch.Tensor, masks: torch.Tensor, subject: torch.Tensor,
+           reference_masks: torch.Tensor | None, batch: Batch, settings: TrainingSettings) -> tuple[torch.Tensor, LossParts]:
+    """Step 5: Eq. 7 on the photos + prior loss on the class images + lambda_ra L_ra (Eq. 10) +
+    lambda_ca the cross-attention mask loss. ``subject``: the photos' undilated masks (B, 1, h, w)."""
+    b = batch.size
+    inst_mask = masks[:b] if settings.masked_loss else torch.ones_like(masks[:b])
+    loss = denoise = masked_mse(out.noise[:b], noise[:b], inst_mask, settings.masked_loss_normalisation)  # Eq. 7
     parts = {}
-    inst_mask = masks[:batch_size] if settings.masked_loss else torch.ones_like(masks[:batch_size])
-    loss = masked_mse(out.noise[:batch_size], noise[:batch_size], inst_mask)  # Eq. 7
-    parts["denoise"] = loss.detach()
-    if n_prior:
-        prior = F.mse_loss(out.noise[batch_size:].float(), noise[batch_size:].float())
-        loss = loss + settings.prior_loss_weight * prior
-        parts["prior"] = prior.detach()
-    subject = data.subject_masks[photos.to(device)]
-    if out.reference_attention is not None and settings.ra_loss_weight > 0:
+    if batch.priors.numel():
+        parts["prior"] = F.mse_loss(out.noise[b:].float(), noise[b:].float())
+        loss = loss + settings.prior_loss_weight * parts["prior"]
+    if out.reference_attention is not None and reference_masks is not None and settings.ra_loss_weight > 0:
         a = out.reference_attention.float()
-        l_ra = rra.reference_attention_loss(a, _resize_tokens(reference_masks, a.shape[2]),
-                                            _resize_tokens(subject, a.shape[1]), settings.ra_loss_form)  # Eq. 10
-        loss = loss + settings.ra_loss_weight * l_ra
-        parts["ra"] = l_ra.detach()
+        parts["reference_attention"] = rra.reference_attention_loss(  # Eq. 10
+            a, _resize_tokens(reference_masks, a.shape[2]), _resize_tokens(subject, a.shape[1]), settings.ra_loss_form)
+        loss = loss + settings.ra_loss_weight * parts["reference_attention"]
     if out.token_attention is not None and settings.cross_attention_loss_weight > 0:
-        ca = cross_attention_mask_loss(out.token_attention, _resize_tokens(subject, out.token_attention.shape[1]))
-        loss = loss + settings.cross_attention_loss_weight * ca
-        parts["cross_attention"] = ca.detach()
-    parts["loss"] = loss.detach()
-    parts["branches"] = branches
-    return loss, parts
+        parts["cross_attention"] = cross_attention_mask_loss(out.token_attention,
+                                                             _resize_tokens(subject, out.token_attention.shape[1]))
+        loss = loss + settings.cross_attention_loss_weight * parts["cross_attention"]
+    return loss, LossParts(loss.detach(), denoise.detach(), **{k: v.detach() for k, v in parts.items()})
+
+
+def training_step(params: ConceptParameters, backend: DiffusionBackend, data: TrainingData,
+                  settings: TrainingSettings, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, LossParts, Batch]:
+    """The loss of one step (before backward), its parts and the batch it trained on."""
+    batch = draw_batch(data, settings, batch_size, generator)
+    z0, masks = batch_latents(data, batch)
+    timesteps, noise, z_t = masked_noising(z0, masks, backend.alphas_cumprod, settings, generator)
+    reference, reference_masks = None, None
+    if settings.train_rra and params.rra_keys:
+        reference, reference_masks = reference_pass(backend, data, batch, timesteps, noise, settings, generator)
+    out = backend.predict(z_t, timesteps, text_context(params, backend, batch), reference, recorded_rows=batch.size)
+    subject = data.subject_masks[batch.photos.to(data.latents.device)]
+    loss, parts = losses(out, noise, masks, subject, reference_masks, batch, settings)
+    return loss, parts, batch
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -480,7 +575,7 @@ def train(params: ConceptParameters, backend: DiffusionBackend, data: TrainingDa
     clipped = params.clipped_parameters()
     max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
     for step in range(start_step, steps):
-        loss, parts = training_step(params, backend, data, settings, batch_size, step_generator(seed, step))
+        loss, parts, batch = training_step(params, backend, data, settings, batch_size, step_generator(seed, step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad.isfinite().all() for p in params.embedding_parameters() if p.grad is not None]
@@ -492,8 +587,8 @@ def train(params: ConceptParameters, backend: DiffusionBackend, data: TrainingDa
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(step)
         optimizer.step()
-        values = {k: float(v) for k, v in parts.items() if k != "branches"}
-        values["branches"] = parts["branches"].tolist()
+        values = parts.values()
+        values["branches"] = batch.branches.tolist()
         losses.append(values["loss"])
         if on_step is not None:
             on_step(step, values)

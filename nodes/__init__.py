@@ -1,14 +1,14 @@
-"""ComfyUI adapters for eqdiff_core: one module per node family, plus the shared glue."""
+"""ComfyUI nodes over eqdiff_core: one module per node family; ComfyUI's internals are used only in
+the ``comfyui`` sub-package."""
 
 from __future__ import annotations
 
-from comfy_api.latest import io
 
+def node_list() -> list:
+    from . import concept, frequency, grounding, metrics, prior, prompts, reference, sampler, subject, trainer
+    from .comfyui import folders
 
-def node_list() -> list[type[io.ComfyNode]]:
-    from . import concept, frequency, grounding, metrics, prompts, reference, sampler, subject, trainer
-    from .glue import register_model_folders
-
-    register_model_folders()
-    return [*frequency.NODES, *concept.NODES, *reference.NODES, *sampler.NODES, *subject.NODES, *trainer.NODES, *metrics.NODES,
-            *prompts.NODES, *grounding.NODES]
+    folders.register()
+    return [*frequency.NODES, *concept.NODES, *reference.NODES, *sampler.NODES, *subject.NODES, *prior.NODES,
+            *trainer.NODES,
+            *metrics.NODES, *prompts.NODES, *grounding.NODES]

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.latest import io
-
-import folder_paths
-
 from ..eqdiff_core import concept as concept_io
-from .glue import CONCEPT_FOLDER, apply_concept_to_clip, apply_concept_to_model, check_concept_fits, concept_path
+from .comfyui import folders, tokens, weights
+from .comfyui.node_api import io
 
 Concept = io.Custom("EQDIFF_CONCEPT")
+
+
+def concept_path(name: str) -> str:
+    """The full path of a concept file in the concept folders, or a ConceptError naming them."""
+    path = folders.full_path(folders.CONCEPTS, name)
+    if path is None:
+        raise concept_io.ConceptError(f"'{name}' is not in {', '.join(folders.paths(folders.CONCEPTS))}; pick a "
+                                      f"file from the list, or put the .safetensors file written by EqDiff Save "
+                                      f"Concept there and refresh.")
+    return path
+
+
+def apply_concept(model, clip, concept: concept_io.Concept, token: str, strength: float):
+    """(MODEL with the concept's K/V deltas x strength, CLIP that reads ``token`` as S*_ori)."""
+    return (weights.add_concept(model, concept, strength),
+            tokens.with_concept_tokens(clip, {token: concept.token_ori}))
 
 
 class EqDiffLoadConcept(io.ComfyNode):
@@ -24,7 +37,7 @@ class EqDiffLoadConcept(io.ComfyNode):
             description="Loads a concept file (models/eqdiff/*.safetensors) written by EqDiff Save Concept: the "
             "subject's frequency embeddings, cross-attention K/V and RRA layers.",
             inputs=[
-                io.Combo.Input("concept_name", options=folder_paths.get_filename_list(CONCEPT_FOLDER),
+                io.Combo.Input("concept_name", options=folders.files(folders.CONCEPTS),
                                tooltip="A concept file in models/eqdiff/."),
             ],
             outputs=[Concept.Output("concept", display_name="concept", tooltip="The learned subject.")],
@@ -41,7 +54,7 @@ class EqDiffLoadConcept(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, concept_name):
-        path = folder_paths.get_full_path(CONCEPT_FOLDER, concept_name)
+        path = folders.full_path(folders.CONCEPTS, concept_name)
         return None if path is None else (os.path.getmtime(path), os.path.getsize(path))
 
     @classmethod
@@ -80,13 +93,12 @@ class EqDiffApplyConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, strength, token) -> io.NodeOutput:
-        check_concept_fits(concept, model, clip)
+        weights.check_concept_fits(concept, model, clip)
         token = token.strip() or concept.metadata.get("token") or f"<{concept.name}>"
         if any(ch.isspace() for ch in token) or any(ch in token for ch in "(),:"):
             raise ValueError(f"token: {token!r} must be one word without spaces, brackets, commas or colons, "
                              f"e.g. <{concept.name}>")
-        return io.NodeOutput(apply_concept_to_model(model, concept, strength), apply_concept_to_clip(clip, concept, token),
-                             token)
+        return io.NodeOutput(*apply_concept(model, clip, concept, token, strength), token)
 
 
 NODES = [EqDiffLoadConcept, EqDiffApplyConcept]

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..eqdiff_core import frequency
-from .glue import bchw_to_image, check_choices, image_to_bchw
+from .comfyui.management import bchw_to_image, image_to_bchw
+from .comfyui.node_api import io, require_choices
 
 AUTHORS_LOW_CUTOFF = frequency.bins_to_cutoff(50, 512)
 AUTHORS_HIGH_CUTOFF = frequency.bins_to_cutoff(5, 512)
@@ -26,7 +25,7 @@ class EqDiffFFTSplit(io.ComfyNode):
             description=(
                 "Splits images into low- and high-frequency bands with an FFT filter (EqDiff Eq. 3-4). "
                 "In 'signed' output with equal cutoffs, low + high reproduces the input exactly. "
-                "The authors' training images: shape square, profile ideal, grayscale on, output "
+                "The authors' training images: shape box, profile ideal, grayscale on, output "
                 f"magnitude, low cutoff {AUTHORS_LOW_CUTOFF}, high cutoff {AUTHORS_HIGH_CUTOFF}."
             ),
             inputs=[
@@ -42,8 +41,10 @@ class EqDiffFFTSplit(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "shape", options=list(frequency.SHAPES), default="circle",
-                    tooltip="circle: the paper's radial filter (Eq. 4). square: the authors' code "
-                    "(a box around the zero frequency).",
+                    tooltip="circle: the paper's radial filter (Eq. 4). square: a symmetric box around the "
+                    "zero frequency (real bands). box: the authors' code exactly (bins -c ... c-1 kept, one "
+                    "more on the negative side; its inverse is complex, the magnitude is what they train on; "
+                    "ideal profile only).",
                 ),
                 io.Combo.Input(
                     "profile", options=list(frequency.PROFILES), default="ideal",
@@ -80,13 +81,10 @@ class EqDiffFFTSplit(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, shape, profile, output) -> bool | str:
-        return check_choices(cls, shape=shape, profile=profile, output=output)
-
-    @classmethod
     def execute(
         cls, image, low_cutoff, high_cutoff, shape, profile, butterworth_order, grayscale, output
     ) -> io.NodeOutput:
+        require_choices(cls, shape=shape, profile=profile, output=output)
         x = image_to_bchw(image)
         magnitude = output == "magnitude"
         if magnitude:

@@ -7,14 +7,9 @@ import os
 
 import torch
 
-import comfy.model_management
-import comfy.model_patcher
-import comfy.utils
-import folder_paths
-from comfy_api.latest import io
-
 from ..eqdiff_core import grounding as core
-from .glue import DINO_FOLDER, SAM_FOLDER, bchw_to_image, check_choices
+from .comfyui import folders, management
+from .comfyui.node_api import io, require_choices
 
 log = logging.getLogger(__name__)
 GROUNDING = io.Custom("EQDIFF_GROUNDING")
@@ -34,7 +29,7 @@ class GroundingModels:
 
     def load(self) -> None:
         """Puts both models on their device through ComfyUI's model management (which may offload others)."""
-        comfy.model_management.load_models_gpu([self.dino_patcher, self.sam_patcher])
+        management.load(self.dino_patcher, self.sam_patcher)
 
     def describe(self) -> str:
         return (f"GroundingDINO {self.dino.spec.variant} ({self.names[0]}), SAM {self.sam.spec.variant} "
@@ -43,57 +38,43 @@ class GroundingModels:
 
 def weight_files(folder: str) -> list[str]:
     """Checkpoint files in a model folder, without the files of a BERT folder kept inside it."""
-    return [n for n in folder_paths.get_filename_list(folder)
+    return [n for n in folders.files(folder)
             if n.lower().endswith(WEIGHT_EXTENSIONS) and core.BERT_FOLDER not in n.replace("\\", "/").split("/")]
 
 
 def bert_candidates() -> list[str]:
     """Where the BERT folder may be: models/grounding-dino/bert-base-uncased (each configured
     grounding-dino path), a bert-base-uncased folder of extra_model_paths.yaml, models/bert-base-uncased."""
-    paths = [os.path.join(p, core.BERT_FOLDER) for p in folder_paths.get_folder_paths(DINO_FOLDER)]
-    if core.BERT_FOLDER in folder_paths.folder_names_and_paths:
-        paths += folder_paths.get_folder_paths(core.BERT_FOLDER)
-    paths.append(os.path.join(folder_paths.models_dir, core.BERT_FOLDER))
+    paths = [os.path.join(p, core.BERT_FOLDER) for p in folders.paths(folders.GROUNDING_DINO)]
+    paths += folders.paths(core.BERT_FOLDER)
+    paths.append(os.path.join(folders.models_dir(), core.BERT_FOLDER))
     return list(dict.fromkeys(paths))
 
 
 def _weights_path(folder: str, name: str, input_name: str) -> str:
-    path = folder_paths.get_full_path(folder, name) if name else None
+    path = folders.full_path(folder, name) if name else None
     if path is None or not os.path.isfile(path):
-        where = ", ".join(folder_paths.get_folder_paths(folder))
+        where = ", ".join(folders.paths(folder))
         raise core.GroundingError(f"{input_name}: '{name}' is not in {where}. Put the original .pth or a "
                                   f".safetensors copy there, then refresh (R) and pick it.")
     return path
 
 
-def _devices(device: str):
-    mm = comfy.model_management
-    if device == "cpu":
-        return torch.device("cpu"), torch.device("cpu")
-    return mm.get_torch_device(), mm.unet_offload_device()
-
-
 def _sam_dtype(load_device: torch.device, precision: str) -> torch.dtype:
     """SAM runs in half precision on CUDA (bf16 where supported); GroundingDINO always in float32,
     so that its scores meet the thresholds as in the reference implementation."""
-    mm = comfy.model_management
     if precision == "float32" or load_device.type != "cuda":
         return torch.float32
-    if mm.should_use_bf16(load_device):
-        return torch.bfloat16
-    return torch.float16 if mm.should_use_fp16(load_device) else torch.float32
+    return management.half_dtype(load_device)
 
 
 def _cached(path: str, device: str, dtype: torch.dtype, build):
-    load_device, offload_device = _devices(device)
+    load_device, _ = management.devices(device)
     key = (path, os.path.getmtime(path), str(load_device), dtype)
     if key not in _MODELS:
         model = build(core.read_checkpoint(path), os.path.basename(path))
         model.model.to(dtype)
-        # ModelPatcher writes attributes such as ``device`` on its model, a read-only property of HF
-        # models, so it manages a plain container holding the model
-        holder = torch.nn.ModuleList([model.model])
-        _MODELS[key] = (model, comfy.model_patcher.ModelPatcher(holder, load_device, offload_device))
+        _MODELS[key] = (model, management.managed(model.model, device))
     return _MODELS[key]
 
 
@@ -112,10 +93,10 @@ class EqDiffGroundingLoader(io.ComfyNode):
                 "is downloaded."
             ),
             inputs=[
-                io.Combo.Input("grounding_dino", options=weight_files(DINO_FOLDER),
+                io.Combo.Input("grounding_dino", options=weight_files(folders.GROUNDING_DINO),
                                tooltip="GroundingDINO checkpoint in models/grounding-dino, e.g. "
                                "groundingdino_swint_ogc.pth (Swin-T) or groundingdino_swinb_cogcoor.pth (Swin-B)."),
-                io.Combo.Input("sam", options=weight_files(SAM_FOLDER),
+                io.Combo.Input("sam", options=weight_files(folders.SAM),
                                tooltip="SAM checkpoint in models/sams, e.g. sam_vit_h_4b8939.pth, "
                                "sam_vit_l_0b3195.pth or sam_vit_b_01ec64.pth."),
                 io.Combo.Input("device", options=DEVICES, default="auto",
@@ -130,18 +111,20 @@ class EqDiffGroundingLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, grounding_dino, sam, device, precision) -> bool | str:
-        for name, value, folder in (("grounding_dino", grounding_dino, DINO_FOLDER), ("sam", sam, SAM_FOLDER)):
+    def validate_inputs(cls, grounding_dino, sam) -> bool | str:
+        for name, value, folder in (("grounding_dino", grounding_dino, folders.GROUNDING_DINO),
+                                    ("sam", sam, folders.SAM)):
             if value is not None and not weight_files(folder):
-                where = ", ".join(folder_paths.get_folder_paths(folder))
+                where = ", ".join(folders.paths(folder))
                 return f"{name}: no .pth or .safetensors file in {where}; put the original checkpoint there and refresh."
-        return check_choices(cls, grounding_dino=grounding_dino, sam=sam, device=device, precision=precision)
+        return True
 
     @classmethod
     def execute(cls, grounding_dino, sam, device, precision) -> io.NodeOutput:
-        dino_path = _weights_path(DINO_FOLDER, grounding_dino, "grounding_dino")
-        sam_path = _weights_path(SAM_FOLDER, sam, "sam")
-        load_device, _ = _devices(device)
+        require_choices(cls, device=device, precision=precision)
+        dino_path = _weights_path(folders.GROUNDING_DINO, grounding_dino, "grounding_dino")
+        sam_path = _weights_path(folders.SAM, sam, "sam")
+        load_device, _ = management.devices(device)
         candidates = bert_candidates()
         dino, dino_patcher = _cached(dino_path, device, torch.float32,
                                      lambda state, name: core.build_dino(state, candidates, name))
@@ -196,16 +179,17 @@ class EqDiffGroundedMask(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, boxes, prompt=None) -> bool | str:
+    def validate_inputs(cls, prompt) -> bool | str:
         if prompt is not None and not core.parse_phrases(prompt):
             return "prompt: write what to mask, e.g. 'dog' or 'dog . red backpack' (phrases separated by '.' or ',')."
-        return check_choices(cls, boxes=boxes)
+        return True
 
     @classmethod
     def execute(cls, grounding, image, prompt, box_threshold, text_threshold, boxes, dilate, feather,
                 detect_size) -> io.NodeOutput:
         if not isinstance(grounding, GroundingModels):
             raise core.GroundingError("grounding: connect the output of Grounding Models Loader.")
+        require_choices(cls, boxes=boxes)
         if image.ndim != 4 or image.shape[-1] < 3:
             raise core.GroundingError(f"image: expected an IMAGE batch (B, H, W, 3); got shape {tuple(image.shape)}.")
         phrases = core.parse_phrases(prompt)
@@ -213,17 +197,12 @@ class EqDiffGroundedMask(io.ComfyNode):
             raise core.GroundingError("prompt: write what to mask, e.g. 'dog' or 'dog . red backpack'.")
         grounding.load()
         batch = image.shape[0]
-        pbar = comfy.utils.ProgressBar(batch)
-        mm = comfy.model_management
-
-        def on_image(_i):
-            mm.throw_exception_if_processing_interrupted()
-            pbar.update(1)
+        progress = management.Progress(batch)
 
         pixels = image[..., :3].movedim(-1, 1).float()  # (B, 3, H, W) on the intermediate device
         masks, detections = core.grounded_masks(grounding.dino, grounding.sam, pixels, prompt, box_threshold,
                                                 text_threshold, best_only=boxes == "best", detect_size=detect_size,
-                                                on_image=on_image)
+                                                on_image=lambda _i: progress.update())
         mask = core.refine_mask(masks.float(), dilate, feather)
         preview = core.overlay(pixels, mask, detections)
         lines, empty = [], []
@@ -240,8 +219,8 @@ class EqDiffGroundedMask(io.ComfyNode):
         if empty:
             log.warning("EqDiff Grounded Mask: nothing found for '%s' in image(s) %s of %d; their masks are empty. "
                         "Lower box_threshold / text_threshold or reword the prompt.", prompt, empty, batch)
-        out_mask = mask.to(comfy.model_management.intermediate_device(), torch.float32).contiguous()
-        return io.NodeOutput(out_mask, bchw_to_image(preview), "\n".join(lines))
+        out_mask = mask.to(management.intermediate_device(), torch.float32).contiguous()
+        return io.NodeOutput(out_mask, management.bchw_to_image(preview), "\n".join(lines))
 
 
 NODES = [EqDiffGroundingLoader, EqDiffGroundedMask]

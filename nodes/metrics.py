@@ -4,33 +4,28 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 
 import numpy as np
 import torch
-from comfy_api.latest import io, ui
-
-import comfy.model_management
-import comfy.model_patcher
-import comfy.utils
-import folder_paths
 
 from ..eqdiff_core import metrics
-from .glue import METRICS_FOLDER, check_choices
+from ..eqdiff_core.files import write_atomic
+from .comfyui import folders, management
+from .comfyui.node_api import io, require_choices, ui
 
 DEFAULT_CLIP = "clip-vit-base-patch32"
 DEFAULT_DINO = "dino-vits16"
 DEVICES = ("auto", "cpu")
 
 # (folder path, device, dtype) -> (encoder, its ModelPatcher); the patcher lets ComfyUI offload it
-_ENCODERS: dict[tuple[str, str, torch.dtype], tuple[metrics.ImageEncoder, comfy.model_patcher.ModelPatcher]] = {}
+_ENCODERS: dict[tuple[str, str, torch.dtype], tuple] = {}
 
 
 def model_folder_names(default: str) -> list[str]:
     """Sub-folders of the metric model folders (each a Hugging Face model folder), plus the default name
     so that a workflow naming it validates and then reports exactly what is missing."""
     names = {default}
-    for root in folder_paths.get_folder_paths(METRICS_FOLDER):
+    for root in folders.paths(folders.METRICS):
         if os.path.isdir(root):
             names |= {d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "config.json"))}
     return sorted(names)
@@ -39,29 +34,24 @@ def model_folder_names(default: str) -> list[str]:
 def model_folder_path(name: str) -> str:
     """The first metric model folder holding ``name``; the default location when none does (loading
     then says what belongs there)."""
-    for root in folder_paths.get_folder_paths(METRICS_FOLDER):
+    for root in folders.paths(folders.METRICS):
         if os.path.isdir(os.path.join(root, name)):
             return os.path.join(root, name)
-    return os.path.join(folder_paths.models_dir, METRICS_FOLDER, name)
+    return os.path.join(folders.models_dir(), folders.METRICS, name)
 
 
 def load_encoder(kind: str, name: str, device: str, preprocessing: str) -> metrics.ImageEncoder:
     """A cached encoder, put on its device by ComfyUI's model management, with this run's preprocessing."""
     path = model_folder_path(name)
-    mm = comfy.model_management
-    load_device = torch.device("cpu") if device == "cpu" else mm.get_torch_device()
-    offload_device = torch.device("cpu") if device == "cpu" else mm.unet_offload_device()
+    load_device, _ = management.devices(device)
     key = (path, str(load_device), torch.float32)
     transform = metrics.image_transform(path, kind, preprocessing)
     if key not in _ENCODERS:
         loader = metrics.ClipEncoder if kind == "clip" else metrics.DinoEncoder
         encoder = loader.load(path, preprocessing, torch.float32)
-        # ModelPatcher writes attributes such as ``device`` on its model, a read-only property of HF models,
-        # so it manages a plain container holding the encoder's model
-        holder = torch.nn.ModuleList([encoder.model])
-        _ENCODERS[key] = (encoder, comfy.model_patcher.ModelPatcher(holder, load_device, offload_device))
+        _ENCODERS[key] = (encoder, management.managed(encoder.model, device))
     encoder, patcher = _ENCODERS[key]
-    mm.load_models_gpu([patcher])
+    management.load(patcher)
     run = copy.copy(encoder)  # the cached weights with this run's image transform
     run.transform = transform
     return run
@@ -76,18 +66,6 @@ def split_prompts(text: str, count: int) -> list[str]:
         raise ValueError(f"prompts: {len(lines)} lines for {count} generated images; write one prompt per "
                          "generated image (one line each, in batch order) or a single line for all of them")
     return lines
-
-
-def write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class EqDiffMetrics(io.ComfyNode):
@@ -149,28 +127,22 @@ class EqDiffMetrics(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, clip_model, dino_model, preprocessing, device) -> bool | str:
-        return check_choices(cls, clip_model=clip_model, dino_model=dino_model, preprocessing=preprocessing,
-                             device=device)
-
-    @classmethod
     def execute(cls, generated, references, prompts, concept_tokens, clip_model, dino_model, preprocessing,
                 clip_t_weight, device, filename_prefix) -> io.NodeOutput:
+        require_choices(cls, clip_model=clip_model, dino_model=dino_model, preprocessing=preprocessing, device=device)
         prompt_list = split_prompts(prompts, generated.shape[0])
         clip = load_encoder("clip", clip_model, device, preprocessing)
         dino = load_encoder("dino", dino_model, device, preprocessing)
-        progress = comfy.utils.ProgressBar(3 * generated.shape[0] + 2 * references.shape[0])
+        progress = management.Progress(3 * generated.shape[0] + 2 * references.shape[0])
         result = metrics.evaluate(clip, dino, generated.movedim(-1, 1), references.movedim(-1, 1), prompt_list,
                                   metrics.parse_tokens(concept_tokens), clip_t_weight, on_batch=progress.update)
         result.info = {"clip_model": clip_model, "dino_model": dino_model, "preprocessing": preprocessing,
                        "concept_tokens": metrics.parse_tokens(concept_tokens)}
         csv_text, json_text = result.to_csv(), result.to_json()
         if filename_prefix.strip():
-            folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix.strip(),
-                                                                          folder_paths.get_output_directory())
-            os.makedirs(folder, exist_ok=True)
-            write_atomic(os.path.join(folder, f"{name}_{counter:05}_.csv"), csv_text)
-            write_atomic(os.path.join(folder, f"{name}_{counter:05}_.json"), json_text)
+            folder, stem = folders.output_file_stem(filename_prefix.strip())
+            write_atomic(os.path.join(folder, f"{stem}.csv"), csv_text)
+            write_atomic(os.path.join(folder, f"{stem}.json"), json_text)
         table = torch.from_numpy(np.asarray(metrics.render_table(result.rows()), dtype=np.float32) / 255.0)[None]
         summary = result.summary()
         return io.NodeOutput(csv_text, json_text, summary["clip_t"], summary["clip_i"], summary["dino_i"], table,

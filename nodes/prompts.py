@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..eqdiff_core import prompts as core
-from .glue import check_choices
+from .comfyui.node_api import check_choices, check_range, io
 
 LISTS = [*core.SHIPPED, "custom"]
 
@@ -61,11 +59,10 @@ class EqDiffPromptList(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, list=None, subject=None, custom_prompts=None, first_index=None, count=None,
-                        **_) -> bool | str:
-        choice = check_choices(cls, list=list)
-        if choice is not True:
-            return choice
+    def validate_inputs(cls, list, subject, custom_prompts, first_index, count) -> bool | str:
+        for ok in (check_choices(cls, list=list), check_range(cls, first_index=first_index, count=count)):
+            if ok is not True:
+                return ok
         if None in (list, subject, custom_prompts, first_index, count):
             return True  # a linked input: checked when the node runs
         try:

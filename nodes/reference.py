@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 
 import torch
-from comfy_api.latest import io
 
 from ..eqdiff_core import rra
 from ..eqdiff_core.concept import ConceptError
+from .comfyui import latents, management, weights
+from .comfyui.attention import CONTEXTS, WEIGHTS, ReferenceAttention, ReferenceSettings, reference_maps
+from .comfyui.node_api import check_range, io, require_choices
+from .comfyui.unet import attention_layers
 from .concept import Concept
-from .glue import (ReferenceAttention, ReferenceSettings, attention_layers, attention_levels, bchw_to_image,
-                   check_choices, check_concept_fits, loss_layers, reference_maps)
 
 
 class EqDiffRRAPatch(io.ComfyNode):
@@ -49,7 +50,15 @@ class EqDiffRRAPatch(io.ComfyNode):
                                "has RRA weights for). The authors: middle+output."),
                 io.Boolean.Input("cache", default=True,
                                  tooltip="Keep the reference features per step for later runs (GPU memory: about "
-                                 "15 MB per step for SD1.5 at 512 px, at most 128 steps)."),
+                                 "15 MB per step and reference row for SD1.5 at 512 px, at most 128 steps)."),
+                io.Combo.Input("reference_contexts", options=list(CONTEXTS), default="per_branch",
+                               tooltip="per_branch: a reference row per CFG branch, the conditional one reading the "
+                               "reference text, the unconditional one the negative prompt (the authors, whose "
+                               "negative is empty). shared: one row with the reference text for both (one row "
+                               "less per step)."),
+                io.Combo.Input("reference_weights", options=list(WEIGHTS), default="base",
+                               tooltip="base: the reference pass sees the checkpoint without this concept's K/V "
+                               "(the authors' frozen base UNet, as in training). model: the MODEL as it is."),
                 io.Conditioning.Input("reference_conditioning", optional=True,
                                       tooltip="Text context of the reference pass; default: the concept's own "
                                       "(the class prompt it was trained with)."),
@@ -58,19 +67,23 @@ class EqDiffRRAPatch(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, reference_noise, rows, layers, start_percent, end_percent) -> bool | str:
+    def validate_inputs(cls, start_percent, end_percent) -> bool | str:
         if start_percent is not None and end_percent is not None and start_percent > end_percent:
             return f"start_percent ({start_percent}) must not be after end_percent ({end_percent})"
-        return check_choices(cls, reference_noise=reference_noise, rows=rows, layers=layers)
+        return check_range(cls, start_percent=start_percent, end_percent=end_percent)
 
     @classmethod
     def execute(cls, model, concept, reference, vae, strength, start_percent, end_percent, reference_noise,
-                noise_seed, rows, layers, cache, reference_conditioning=None) -> io.NodeOutput:
+                noise_seed, rows, layers, cache, reference_contexts="per_branch", reference_weights="base",
+                reference_conditioning=None) -> io.NodeOutput:
+        require_choices(cls, reference_noise=reference_noise, rows=rows, layers=layers,
+                        reference_contexts=reference_contexts, reference_weights=reference_weights)
         open_keys, context = _rra_inputs(model, concept, reference, layers, reference_conditioning)
-        if not open_keys:
-            return io.NodeOutput(model)  # every gate closed: RRA is exactly the identity, no reference pass
-        latent = vae.encode(reference[:, :, :, :3])
-        settings = ReferenceSettings(reference_noise, noise_seed, rows, strength, start_percent, end_percent, cache)
+        if not open_keys or strength == 0.0:
+            return io.NodeOutput(model)  # every gate closed or scaled to 0: RRA is exactly the identity
+        latent = latents.encode(vae, reference)
+        settings = ReferenceSettings(reference_noise, noise_seed, rows, strength, start_percent, end_percent, cache,
+                                     reference_contexts, reference_weights)
         return io.NodeOutput(ReferenceAttention(concept, open_keys, latent, context, settings).patch(model))
 
 
@@ -80,7 +93,7 @@ def _rra_inputs(model, concept, reference, layers, reference_conditioning):
     if not concept.rra:
         raise ConceptError(f"concept '{concept.name}' has no RRA layers (it was trained with RRA off); "
                            f"leave out the RRA Patch for it.")
-    check_concept_fits(concept, model)
+    weights.check_concept_fits(concept, model)
     blocks = rra.RRA_LAYER_SETS[layers]
     available = {layer.key for layer in attention_layers(model.get_model_object("diffusion_model"))}
     keys = sorted(k for k in concept.rra if k in available and k.split(".")[0] in blocks)
@@ -154,11 +167,11 @@ class EqDiffReferenceMaps(io.ComfyNode):
                                f"nothing to show.")
         samples = latent["samples"]
         h, w = samples.shape[-2:]
-        levels = attention_levels(model.get_model_object("diffusion_model"))
-        shown = loss_layers(levels, keys) or keys
-        ref_latent = vae.encode(reference[:, :, :, :3])
-        maps = reference_maps(model, concept, keys, ref_latent, context, samples, positive[0][0][:1], percent, seed)
-        gate = torch.stack([rra.token_grid(maps[("gate", k)], h, w) for k in keys]).mean(0)
+        levels = {layer.key: layer.level for layer in attention_layers(model.get_model_object("diffusion_model"))}
+        shown = rra.loss_layers(levels, keys) or keys
+        ref_latent = latents.encode(vae, reference)
+        maps, gates = reference_maps(model, concept, keys, ref_latent, context, samples, positive, percent, seed)
+        gate = torch.stack([rra.token_grid(gates[k], h, w) for k in keys]).mean(0)
         attention = torch.stack([maps[k] for k in shown]).mean(0).float()
         # the reference is resized to the image's latent size for its pass, so both share one grid
         if reference_mask is not None:
@@ -167,8 +180,8 @@ class EqDiffReferenceMaps(io.ComfyNode):
             share = rra.subject_share(attention, m.flatten(1).to(attention.device).expand(attention.shape[0], -1))
         else:
             share = torch.zeros(attention.shape[:2], device=attention.device)
-        weights = torch.stack([maps[("gate", k)] for k in shown]).mean(0).float()
-        received = rra.received_attention(attention, weights if float(weights.sum()) > 0 else None)
+        mask_weights = torch.stack([gates[k] for k in shown]).mean(0).float()
+        received = rra.received_attention(attention, mask_weights if float(mask_weights.sum()) > 0 else None)
         received = received / received.amax(dim=1, keepdim=True).clamp_min(1e-8)
         return io.NodeOutput(_as_image(gate, 8), _as_image(rra.token_grid(share, h, w), 8),
                              _as_image(rra.token_grid(received, h, w), 8))
@@ -177,7 +190,7 @@ class EqDiffReferenceMaps(io.ComfyNode):
 def _as_image(values: torch.Tensor, upscale: int) -> torch.Tensor:
     """(B, h, w) in [0, 1] -> IMAGE (B, h*upscale, w*upscale, 3), grey levels."""
     big = torch.nn.functional.interpolate(values[:, None].float(), scale_factor=upscale, mode="nearest")
-    return bchw_to_image(big.clamp(0, 1).expand(-1, 3, -1, -1))
+    return management.bchw_to_image(big.clamp(0, 1).expand(-1, 3, -1, -1))
 
 
 NODES = [EqDiffRRAPatch, EqDiffReferenceMaps]

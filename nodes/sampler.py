@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
-import comfy.sample
-import comfy.utils
-import latent_preview
-
-from .glue import ddim_sampler, ddim_schedule
+from .comfyui import sampling
+from .comfyui.node_api import io
 
 
 def _steps_input():
@@ -46,19 +41,8 @@ class EqDiffEquilibratedSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, eta) -> io.NodeOutput:
-        latent = latent_image.copy()
-        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
-        sigmas = ddim_schedule(model, steps)
-        callback = latent_preview.prepare_callback(model, steps)
-        out = comfy.sample.sample_custom(
-            model, noise, cfg, ddim_sampler(eta), sigmas, positive, negative, samples,
-            noise_mask=latent.get("noise_mask"), callback=callback,
-            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
-        )
-        latent["samples"] = out
-        latent.pop("noise_mask", None)
-        return io.NodeOutput(latent)
+        return io.NodeOutput(sampling.sample(model, positive, negative, latent_image, seed, sampling.ddim_sampler(eta),
+                                             sampling.ddim_schedule(model, steps), cfg))
 
 
 class EqDiffSampler(io.ComfyNode):
@@ -83,7 +67,7 @@ class EqDiffSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps, eta) -> io.NodeOutput:
-        return io.NodeOutput(ddim_sampler(eta), ddim_schedule(model, steps))
+        return io.NodeOutput(sampling.ddim_sampler(eta), sampling.ddim_schedule(model, steps))
 
 
 NODES = [EqDiffEquilibratedSampler, EqDiffSampler]

@@ -7,16 +7,15 @@ import os
 
 import numpy as np
 import torch
-from comfy_api.latest import io
-
-import folder_paths
+from .comfyui import folders
+from .comfyui.node_api import io
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def subject_folders() -> list[str]:
     """Sub-folders of the input directory that hold at least one photo."""
-    root = folder_paths.get_input_directory()
+    root = folders.input_directory()
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "masks")
@@ -74,15 +73,15 @@ class EqDiffLoadSubject(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder=None, **_) -> bool | str:
+    def validate_inputs(cls, folder) -> bool | str:
         if folder is not None and not os.path.isdir(cls._path(folder)):
-            return (f"folder: '{folder}' is not a folder in {folder_paths.get_input_directory()}; put the subject's "
+            return (f"folder: '{folder}' is not a folder in {folders.input_directory()}; put the subject's "
                     f"photos in a sub-folder there and refresh")
         return True
 
     @staticmethod
     def _path(folder: str) -> str:
-        root = os.path.abspath(folder_paths.get_input_directory())
+        root = os.path.abspath(folders.input_directory())
         path = os.path.abspath(os.path.join(root, folder))
         return path if os.path.commonpath([root, path]) == root else os.path.join(root, "\0invalid")
 

@@ -9,18 +9,14 @@ import re
 from dataclasses import fields
 
 import torch
-from comfy_api.latest import io
-
-import comfy.model_management
-import comfy.utils
-import folder_paths
 
 from ..eqdiff_core import concept as concept_io
 from ..eqdiff_core import training
 from ..eqdiff_core.plot import loss_curve
-from .concept import Concept
-from .glue import (CONCEPT_FOLDER, TrainingBackend, apply_concept_to_clip, apply_concept_to_model, check_choices,
-                   check_concept_fits, initial_parameters, training_data, weights_fingerprint)
+from .comfyui import folders, management, weights
+from .comfyui.node_api import io, require_choices
+from .comfyui.training import TrainingBackend, initial_parameters, training_data
+from .concept import Concept, apply_concept
 
 TrainOptions = io.Custom("EQDIFF_TRAIN_OPTIONS")
 PRESET = "preset"
@@ -47,6 +43,8 @@ OPTION_TOOLTIPS = {
     "init_token": "Both embeddings start as this word's (first token's) embedding; a rare token.",
     "train_kv": "Train the cross-attention K/V of every layer (Custom Diffusion), as the authors do.",
     "train_rra": "Train the RRA layers (reference projections and H_r).",
+    "detach_start_token": "The start token's cross-attention keys and values pass no gradient to the K/V "
+    "deltas, as Custom Diffusion and the authors' code do.",
     "rra_layers": "Which self-attention layers get RRA (authors: middle+output).",
     "mask_noise": "MGDP noising, Eq. 6: only the subject is noised, the background stays clean.",
     "masked_loss": "MGDP loss, Eq. 7: the noise prediction counts only inside the (dilated) mask.",
@@ -62,7 +60,13 @@ OPTION_TOOLTIPS = {
     "max_grad_norm": "Gradient clipping of K/V and RRA (authors: 1.0; 0 = off).",
     "resolution": "Training resolution; photos are resized to a square of this side.",
     "prompt_template": "The training prompt; {token} and {class_word} are filled in.",
-    "class_prompt": "Prompt of the class images and of the reference pass; {class_word} is filled in.",
+    "class_prompt": "Prompt of the class images (authors: the class word alone); {class_word} is filled in.",
+    "reference_prompt": "The text the photos' reference pass reads while training: the instance prompt with the "
+    "placeholder at its initial embedding (the authors) or the class prompt.",
+    "inference_reference_prompt": "The text the RRA Patch's reference pass reads at inference, stored in the "
+    "concept; {class_word} is filled in. The authors' configs describe the reference photo.",
+    "masked_loss_normalisation": "Eq. 7 divided by the mask area (the authors) or by area x channels (a "
+    "per-element mean).",
 }
 OPTION_CHOICES = training.CHOICES
 
@@ -110,20 +114,12 @@ class EqDiffTrainerOptions(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        choices = check_choices(cls, **{k: v for k, v in values.items()
-                                        if k in OPTION_CHOICES or isinstance(v, str) and v in (PRESET, "on", "off")})
-        if choices is not True:
-            return choices
-        try:
-            training.settings_for("official", **_overrides(values))
-        except ValueError as err:
-            return str(err)
-        return True
-
-    @classmethod
     def execute(cls, **values) -> io.NodeOutput:
-        return io.NodeOutput(_overrides(values))
+        require_choices(cls, **{f.name: values.get(f.name) for f in fields(training.TrainingSettings)
+                                if f.type == "bool" or f.name in OPTION_CHOICES})
+        overrides = _overrides(values)
+        training.settings_for("official", **overrides)  # a bad value is refused here, naming the knob
+        return io.NodeOutput(overrides)
 
 
 class EqDiffFDTETrainer(io.ComfyNode):
@@ -180,14 +176,19 @@ class EqDiffFDTETrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, precision=None, preset=None, name=None, **_) -> bool | str:
-        ok = check_choices(cls, precision=precision, preset=preset)
-        return ok if ok is not True else _check_name(name)
+    def validate_inputs(cls, name) -> bool | str:
+        return _check_name(name)
 
     @classmethod
     def execute(cls, model, clip, vae, images, masks, class_word, name, steps, learning_rate, batch_size, seed,
                 precision, gradient_checkpointing, preset, class_images=None, options=None, resume_from=None,
                 save_every=0) -> io.NodeOutput:
+        require_choices(cls, precision=precision, preset=preset)
+        ok = _check_name(name)
+        if ok is not True:
+            raise ValueError(ok)
+        if steps < 1:
+            raise ValueError(f"steps: {steps} trains nothing; give at least 1 (the paper: 600)")
         with torch.inference_mode(False):
             return cls._train(model, clip, vae, images, masks, class_word.strip(), name, steps, learning_rate,
                               batch_size, seed, precision, gradient_checkpointing, preset, class_images,
@@ -202,7 +203,7 @@ class EqDiffFDTETrainer(io.ComfyNode):
         dtype = _training_dtype(precision)
         token = f"<{name}>"
         if resume is not None:
-            check_concept_fits(resume, model, clip)
+            weights.check_concept_fits(resume, model, clip)
         params = initial_parameters(model, clip, settings, resume)
         start = int(resume.metadata.get("training_step", 0)) if resume is not None and resume.training_state else 0
         history = list(resume.metadata.get("loss_history", [])) if resume is not None else []
@@ -213,16 +214,16 @@ class EqDiffFDTETrainer(io.ComfyNode):
             training.load_optimizer_state(optimizer, params, resume.training_state)
         backend = TrainingBackend(model, clip, params, settings, token=token, class_word=class_word, dtype=dtype,
                                   gradient_checkpointing=gradient_checkpointing)
-        reference_context = backend.class_context()[0]
+        reference_context = backend.inference_reference_context
         metadata = {"name": name, "token": token, "class_word": class_word, "preset": preset,
                     "settings": settings.to_dict(), "learning_rate": learning_rate, "batch_size": batch_size,
                     "seed": seed, "precision": precision, "steps": steps, "photos": int(images.shape[0]),
                     "class_images": 0 if class_images is None else int(class_images.shape[0]),
                     "base_model": type(model.model).__name__ + "/" + type(model.model.model_config).__name__,
-                    "base_model_hash": weights_fingerprint(model.get_model_object("diffusion_model"))}
-        autosave = os.path.join(folder_paths.get_folder_paths(CONCEPT_FOLDER)[0], f"{name}.autosave.safetensors")
-        progress = comfy.utils.ProgressBar(steps)
-        progress.update_absolute(start, steps)
+                    "base_model_hash": weights.base_fingerprint(model)}
+        autosave = os.path.join(folders.default_path(folders.CONCEPTS), f"{name}.autosave.safetensors")
+        progress = management.Progress(steps)
+        progress.set(start)
         done = {"step": start}
 
         def snapshot(step_count: int) -> concept_io.Concept:
@@ -242,10 +243,9 @@ class EqDiffFDTETrainer(io.ComfyNode):
 
                 plot = loss_curve(history, 384, 192)
                 preview = ("PNG", Image.fromarray((plot.numpy() * 255).astype("uint8")), 384)
-            progress.update_absolute(step + 1, steps, preview)
             if (step + 1) % 50 == 0:
                 logging.info("EqDiff trainer: step %d/%d, loss %.5f", step + 1, steps, parts["loss"])
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            progress.set(step + 1, preview)  # also where a cancelled prompt stops the training
 
         try:
             training.train(params, backend, data, settings, optimizer, steps=steps, batch_size=batch_size, seed=seed,
@@ -255,16 +255,16 @@ class EqDiffFDTETrainer(io.ComfyNode):
             raise ValueError(f"learning_rate: the loss became NaN or infinite at step {err.step + 1}; the last good "
                              f"state (step {err.step}) is saved as {os.path.basename(autosave)}. Resume from it "
                              f"(Load Concept -> resume_from) with a lower learning rate, or use precision fp32.") from None
-        except comfy.model_management.InterruptProcessingException:
+        except management.InterruptProcessingException:
             concept_io.save(snapshot(done["step"]), autosave)
             logging.warning("EqDiff trainer stopped at step %d; saved %s", done["step"], autosave)
             raise
         finally:
             del backend
-            comfy.model_management.soft_empty_cache()
+            management.free_memory()
         concept = snapshot(done["step"])
-        return io.NodeOutput(concept, apply_concept_to_model(model, concept, 1.0),
-                             apply_concept_to_clip(clip, concept, token), loss_curve(history)[None], token)
+        return io.NodeOutput(concept, *apply_concept(model, clip, concept, token, 1.0), loss_curve(history)[None],
+                             token)
 
 
 def _check_inputs(images, masks, class_word, learning_rate) -> None:
@@ -288,8 +288,7 @@ def _check_inputs(images, masks, class_word, learning_rate) -> None:
 def _training_dtype(precision: str) -> torch.dtype:
     if precision == "fp32":
         return torch.float32
-    device = comfy.model_management.get_torch_device()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if not management.supports_bf16(management.compute_device()):
         raise ValueError("precision: this GPU has no bf16; choose fp32")
     return torch.bfloat16
 
@@ -322,17 +321,20 @@ class EqDiffSaveConcept(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name=None, **_) -> bool | str:
+    def validate_inputs(cls, name) -> bool | str:
         return _check_name(name)
 
     @classmethod
     def execute(cls, concept, name, overwrite, save_embedding, keep_training_state) -> io.NodeOutput:
-        folder = folder_paths.get_folder_paths(CONCEPT_FOLDER)[0]
+        ok = _check_name(name)
+        if ok is not True:
+            raise ValueError(ok)
+        folder = folders.default_path(folders.CONCEPTS)
         stem = name if overwrite else _free_stem(folder, name, ".safetensors")
         concept = dataclasses.replace(concept, metadata={**concept.metadata, "name": stem})  # the input stays as it is
         concept_io.save(concept, os.path.join(folder, f"{stem}.safetensors"), keep_training_state)
         if save_embedding:
-            embeddings = folder_paths.get_folder_paths("embeddings")[0]
+            embeddings = folders.default_path(folders.EMBEDDINGS)
             emb_stem = stem if overwrite else _free_stem(embeddings, stem, ".safetensors")
             concept_io.write_safetensors({"clip_l": concept.token_ori.float()[None]},
                                          os.path.join(embeddings, f"{emb_stem}.safetensors"))

@@ -84,12 +84,28 @@ def subject(g: Graph) -> str:
     return g.add("EqDiffLoadSubject", "param:subject Subject photos", folder=SUBJECT, size=512)
 
 
-def train(g: Graph, ckpt: str, photos: str, masks: list, name: str, options: dict, title: str) -> str:
+def class_images(g: Graph, ckpt: str) -> list:
+    """Prior preservation as the authors train: 200 images of the class word, made once and kept."""
+    return out(g.add("EqDiffClassImages", "param:class_word,train_size,class_images,steps Class Images (prior "
+                     "preservation)", model=out(ckpt, 0),
+                     clip=out(ckpt, 1), vae=out(ckpt, 2), class_prompt=CLASS_WORD, count=200, size=512, seed=0,
+                     steps=50, cfg=7.5, batch_size=4))
+
+
+def train(g: Graph, ckpt: str, photos: str, masks: list, name: str, options: dict, title: str, priors: list) -> str:
     opts = g.add("EqDiffTrainerOptions", f"Options {title}", **options_inputs(**options))
     return g.add("EqDiffFDTETrainer", f"param:class_word,train_steps Trainer {title}",
                  model=out(ckpt, 0), clip=out(ckpt, 1), vae=out(ckpt, 2), images=out(photos, 0), masks=masks,
                  class_word=CLASS_WORD, name=name, steps=600, learning_rate=4e-5, batch_size=2, seed=0,
-                 precision="bf16", gradient_checkpointing=False, preset="official", options=out(opts), save_every=0)
+                 precision="bf16", gradient_checkpointing=False, preset="official", class_images=priors,
+                 options=out(opts), save_every=0)
+
+
+def rra_inputs() -> dict:
+    """The RRA Patch's settings as the authors sample."""
+    return dict(strength=1.0, start_percent=0.0, end_percent=1.0, reference_noise="clean", noise_seed=0,
+                rows="cond_uncond", layers="middle+output", cache=True, reference_contexts="per_branch",
+                reference_weights="base")
 
 
 def prompts(g: Graph, text: str, title: str) -> str:
@@ -105,8 +121,7 @@ def generate(g: Graph, ckpt: str, concept, reference, prompt_list: str, prefix: 
     model = out(applied, 0)
     if rra:
         model = out(g.add("EqDiffRRAPatch", "RRA Patch", model=model, concept=concept, reference=reference,
-                          vae=out(ckpt, 2), strength=1.0, start_percent=0.0, end_percent=1.0, reference_noise="clean",
-                          noise_seed=0, rows="cond_uncond", layers="middle+output", cache=True))
+                          vae=out(ckpt, 2), **rra_inputs()))
     positive = g.add("CLIPTextEncode", "Prompt", clip=out(applied, 1), text=out(prompt_list, 0))
     negative = g.add("CLIPTextEncode", "Negative prompt", clip=out(applied, 1), text="")
     latent = size_node or g.add("EmptyLatentImage", "param:size Empty Latent Image", width=512, height=512, batch_size=1)
@@ -130,7 +145,7 @@ def quickstart() -> dict:
     mask = g.add("EqDiffGroundedMask", "Grounded Mask", grounding=out(models), image=out(photos, 0), prompt=CLASS_WORD,
                  box_threshold=0.3, text_threshold=0.25, boxes="best", dilate=0, feather=0.0, detect_size=800)
     g.add("PreviewImage", "Masks", images=out(mask, 1))
-    trainer = train(g, ckpt, photos, out(mask, 0), NAME, {}, "(EqDiff)")
+    trainer = train(g, ckpt, photos, out(mask, 0), NAME, {}, "(EqDiff)", class_images(g, ckpt))
     g.nodes[trainer]["_meta"]["title"] = "param:class_word,name,train_steps FDTE Trainer"
     g.add("EqDiffSaveConcept", "param:name Save Concept", concept=out(trainer), name=NAME, overwrite=False,
           save_embedding=False, keep_training_state=False)
@@ -180,8 +195,9 @@ def _variants(title: str, variants: dict[str, dict], prompt_text: str, prefix: s
     reference = reference_photo(g, photos)
     latent = g.add("EmptyLatentImage", "param:size Empty Latent Image", width=512, height=512, batch_size=1)
     prompt_list = prompts(g, prompt_text, f"param:prompt {title} prompts")
+    priors = class_images(g, ckpt)
     for label, overrides in variants.items():
-        trainer = train(g, ckpt, photos, out(photos, 1), f"{NAME}_{label}", overrides, label)
+        trainer = train(g, ckpt, photos, out(photos, 1), f"{NAME}_{label}", overrides, label, priors)
         generate(g, ckpt, out(trainer), reference, prompt_list, f"{prefix}_{label}",
                  rra=overrides.get("train_rra") != "off", size_node=latent)
     return g.nodes

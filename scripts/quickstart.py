@@ -45,6 +45,7 @@ def tiny_sized(prompt: dict, gpu: bool) -> dict:
     sizes = {"EqDiffLoadSubject": {"size": 128}, "EqDiffTrainerOptions": {"resolution": 128},
              "EqDiffFDTETrainer": {"steps": 20, "batch_size": 1, "precision": "bf16" if gpu else "fp32"},
              "EmptyLatentImage": {"width": 128, "height": 128}, "EqDiffEquilibratedSampler": {"steps": 20},
+             "EqDiffClassImages": {"count": 8, "size": 128, "steps": 20},
              "EqDiffGroundingLoader": {"grounding_dino": "eqdiff_tiny_swint.safetensors",
                                        "sam": "eqdiff_tiny_vit.safetensors"},
              # random detector weights: take the best box whatever its score

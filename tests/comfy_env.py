@@ -31,3 +31,11 @@ def use_comfy() -> None:
     comfy.cli_args.args.cpu = not torch.cuda.is_available()
     if BASE_DIR is not None:
         comfy.cli_args.args.base_directory = str(BASE_DIR)  # read when folder_paths is first imported
+
+
+def pack_module(name: str):
+    """One of the pack's modules as ComfyUI imported it (``nodes.comfyui.training``, ``eqdiff_core.rra``);
+    the pack must have been loaded (the ``registered_nodes`` fixture)."""
+    found = [m for key, m in sys.modules.items() if key.endswith(f"eqdiff-nodes.{name}")]
+    assert len(found) == 1, f"the pack's module {name} is not loaded (load the pack through registered_nodes)"
+    return found[0]

@@ -40,3 +40,18 @@ def numpy_split(x, low_cutoff, high_cutoff, shape, profile, order, grayscale, ou
     if grayscale:
         low, high = np.repeat(low, c, axis=1), np.repeat(high, c, axis=1)
     return low, high
+
+
+def authors_fft_filtering(pixels, fc, lowpass):
+    """The authors' band of a batch, written from their description (eqdiff-method.md §1.1, tools.py):
+    the RGB mean repeated to 3 channels, numpy fft2 then fftshift over *all* axes, a 0/1 box of rows
+    and columns [c - fc, c + fc) around c = H // 2 (kept for the low band, removed for the high band),
+    ifftshift, ifft2 and the magnitude. pixels: (B, 3, H, W) float64 in [-1, 1]."""
+    gray = np.repeat(pixels.mean(axis=1, keepdims=True), 3, axis=1)
+    spectrum = np.fft.fftshift(np.fft.fft2(gray))
+    h, w = gray.shape[-2:]
+    cy, cx = h // 2, w // 2
+    box = np.zeros(gray.shape)
+    box[..., cy - fc:cy + fc, cx - fc:cx + fc] = 1.0
+    mask = box if lowpass else 1.0 - box
+    return np.abs(np.fft.ifft2(np.fft.ifftshift(spectrum * mask)))

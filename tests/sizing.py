@@ -6,6 +6,7 @@ CPU_SIZED = {
     "EqDiffEquilibratedSampler": {"steps": 2},
     "EqDiffLoadSubject": {"size": 64},
     "EqDiffTrainerOptions": {"resolution": 64},
+    "EqDiffClassImages": {"count": 2, "size": 64, "steps": 2, "batch_size": 2},
     "EqDiffFDTETrainer": {"steps": 1, "batch_size": 1, "precision": "fp32"},
     "EqDiffPromptList": {"count": 1},
     "EqDiffGroundingLoader": {"grounding_dino": "eqdiff_tiny_swint.safetensors", "sam": "eqdiff_tiny_vit.safetensors"},

@@ -89,6 +89,8 @@ def parse_args(argv=None):
     values.add_argument("--train-size", type=int, help="training photo size (param:train_size)")
     values.add_argument("--train-precision", choices=("bf16", "fp32"), help="FDTE Trainer precision "
                         "(param:train_precision; fp32 on a CPU or a GPU without bf16)")
+    values.add_argument("--class-images", type=int, help="class images for prior preservation (param:class_images; "
+                        "the authors: 200)")
     values.add_argument("--reference-index", type=int, default=0, help="which sorted photo is the reference")
     run = parser.add_argument_group("the run")
     run.add_argument("--out", required=True, type=Path, help="run folder (images, concepts, manifest, metrics, table)")
@@ -189,7 +191,7 @@ def read_workflows(args) -> tuple[Workflow, Workflow | None]:
         raise RunnerError("--workflow has no node titled param:concept (Load Concept), so the trained or given "
                           "concepts would not reach it")
     carried = set(sample.params) | set(train.params if train else ())
-    for name in ("checkpoint", "steps", "size", "train_steps", "train_size", "train_precision"):
+    for name in ("checkpoint", "steps", "size", "train_steps", "train_size", "train_precision", "class_images"):
         if getattr(args, name) is not None and name not in carried:
             raise RunnerError(f"no workflow has a node titled param:{name}, so --{name.replace('_', '-')} cannot be "
                               "applied")
@@ -215,7 +217,8 @@ def main(argv=None) -> int:
         jobs = plan.plan_jobs(subjects, classes, sets, args.seeds, args.token, prompt_list, train=train is not None)
         checkpoint, model_folders = checkpoint_value(args)
         given = {"checkpoint": checkpoint, "steps": args.steps, "size": args.size, "train_steps": args.train_steps,
-                 "train_size": args.train_size, "train_precision": args.train_precision}
+                 "train_size": args.train_size, "train_precision": args.train_precision,
+                 "class_images": args.class_images}
         settings = {"workflow": sample.digest(), "train_workflow": train.digest() if train else None,
                     "concepts": str(args.concepts.resolve()) if args.concepts else None, "concept": args.concept,
                     "token": args.token, "name": args.name, "reference_index": args.reference_index, **given}

@@ -15,12 +15,14 @@ Equilibrated Sampler``). Each NAME sets these inputs of that node (every one of 
     subject     folder            the subject's photos (and masks/<photo>.png, if the subject folder has
                                   them), uploaded to the server's input/eqdiff_runner/<subject>/ (Load
                                   Subject Photos)
-    class_word  class_word        the subject's class word (FDTE Trainer)
+    class_word  class_word,       the subject's class word (FDTE Trainer; Class Images' prompt, the class
+                class_prompt      word alone as the authors')
     name        name              --name with {subject} filled in (default "{subject}"; FDTE Trainer, Save
                                   Concept)
     train_steps steps             --train-steps (FDTE Trainer; left as in the workflow when not given)
     train_size  size, resolution  --train-size (Load Subject Photos' size, FDTE Trainer Options' resolution)
     train_precision precision     --train-precision (FDTE Trainer: fp32 on a CPU or a GPU without bf16)
+    class_images count            --class-images (Class Images: how many for prior preservation)
 
 A sampling workflow needs ``param:prompt`` and ``param:output``; a training workflow (``--train-workflow``)
 needs ``param:subject`` and a Save Concept titled ``param:name``. A Prompt List (EqDiffPromptList) titled
@@ -39,8 +41,9 @@ TITLE_REST = re.compile(r"^param:[\w,]+\s*")
 PARAM_INPUTS = {
     "checkpoint": ("ckpt_name",), "concept": ("concept_name",), "token": ("token",), "reference": ("image",),
     "prompt": ("text",), "seed": ("seed", "noise_seed"), "steps": ("steps",), "size": ("width", "height"),
-    "output": ("filename_prefix",), "subject": ("folder",), "class_word": ("class_word",), "name": ("name",),
+    "output": ("filename_prefix",), "subject": ("folder",), "class_word": ("class_word", "class_prompt"), "name": ("name",),
     "train_steps": ("steps",), "train_size": ("size", "resolution"), "train_precision": ("precision",),
+    "class_images": ("count",),
 }
 PROMPT_LIST = "EqDiffPromptList"
 SAVE_CONCEPT = "EqDiffSaveConcept"

@@ -81,7 +81,7 @@ class RequestMaker:
     subjects_dir: Path
     sample: Workflow
     train: Workflow | None
-    values: dict  # checkpoint, steps, size, train_steps, train_size, train_precision: those given
+    values: dict  # checkpoint, steps, size, train_steps, train_size, train_precision, class_images: those given
     concept_pattern: str
     name_pattern: str
     reference_index: int

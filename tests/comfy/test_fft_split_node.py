@@ -1,9 +1,11 @@
 """EqDiffFFTSplit called in-process as ComfyUI calls it (inference mode, IMAGE tensors)."""
 
+import numpy as np
 import pytest
 import torch
 
 from eqdiff_core import frequency as fq
+from numpy_reference import authors_fft_filtering
 
 DEFAULTS = dict(low_cutoff=0.25, high_cutoff=0.25, shape="circle", profile="ideal", butterworth_order=2,
                 grayscale=False, output="signed")
@@ -37,16 +39,17 @@ def test_matches_core_in_channels_last_layout(fft_node):
     assert torch.allclose(high, ref_high.movedim(1, -1), atol=1e-6)
 
 
-def test_magnitude_output_is_what_vae_encode_turns_into_the_authors_tensor(fft_node):
-    image = torch.rand(1, 64, 64, 3)
-    low, high, _ = run(fft_node, image, output="magnitude", grayscale=True, shape="square",
+def test_the_authors_settings_give_the_authors_bands_after_vae_encode(fft_node):
+    """Shape box, grayscale, magnitude, 50 and 5 bins: what VAE Encode makes of the node's outputs (2x - 1)
+    equals the numpy re-implementation of the authors' fft_filtering (tests/numpy_reference.py) on the
+    photo in [-1, 1]."""
+    image = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(0))
+    low, high, _ = run(fft_node, image, output="magnitude", grayscale=True, shape="box",
                        low_cutoff=fq.bins_to_cutoff(50, 512), high_cutoff=fq.bins_to_cutoff(5, 512))
-    authors_low, authors_high = fq.frequency_split(image.movedim(-1, 1) * 2 - 1, fq.bins_to_cutoff(50, 512),
-                                                   fq.bins_to_cutoff(5, 512), "square", "ideal",
-                                                   grayscale=True, output="magnitude")
-    # VAE Encode maps an IMAGE x to 2x - 1.
-    assert torch.allclose(low * 2 - 1, authors_low.movedim(1, -1), atol=1e-6)
-    assert torch.allclose(high * 2 - 1, authors_high.movedim(1, -1), atol=1e-6)
+    pixels = (image.movedim(-1, 1) * 2 - 1).double().numpy()
+    want_low, want_high = authors_fft_filtering(pixels, 50, True), authors_fft_filtering(pixels, 5, False)
+    np.testing.assert_allclose((low * 2 - 1).movedim(-1, 1).numpy(), want_low, atol=2e-5)
+    np.testing.assert_allclose((high * 2 - 1).movedim(-1, 1).numpy(), want_high, atol=2e-5)
     assert torch.equal(low[..., 0], low[..., 2])
 
 

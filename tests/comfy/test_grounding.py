@@ -138,12 +138,13 @@ def query_scores(models, batch) -> torch.Tensor:
 def test_registration_keeps_user_paths_and_other_extensions(registered_nodes, tmp_path):
     import folder_paths
 
-    glue = sys.modules[registered_nodes["EqDiffGroundingLoader"].__module__.rsplit(".", 1)[0] + ".glue"]
+    from comfy_env import pack_module
+
     user = str(tmp_path / "my-sams")
     folder_paths.add_model_folder_path("sams", user)  # as extra_model_paths.yaml does
     paths, exts = folder_paths.folder_names_and_paths["sams"]
     folder_paths.folder_names_and_paths["sams"] = (paths, set(exts) | {".pt"})  # another pack's extension
-    glue.register_grounding_folders()
+    pack_module("nodes.comfyui.folders").register()
     for name in ("grounding-dino", "sams"):
         paths, exts = folder_paths.folder_names_and_paths[name]
         assert os.path.join(folder_paths.models_dir, name) in paths
@@ -158,10 +159,9 @@ def test_loader_lists_checkpoints_but_not_the_bert_folder(folders, loader):
     assert {"tiny_swint.pth", "tiny_swint.safetensors"} <= set(options["grounding_dino"])
     assert {"tiny_vit.pth", "tiny_vit.safetensors"} <= set(options["sam"])
     assert not [o for o in options["grounding_dino"] if core.BERT_FOLDER in o]
-    assert loader.validate_inputs(grounding_dino="tiny_swint.pth", sam="tiny_vit.pth", device="auto",
-                                  precision="auto") is True
-    assert "cuda:1" in loader.validate_inputs(grounding_dino="tiny_swint.pth", sam="tiny_vit.pth", device="cuda:1",
-                                              precision="auto")
+    assert loader.validate_inputs(grounding_dino="tiny_swint.pth", sam="tiny_vit.pth") is True
+    with pytest.raises(ValueError, match="device: 'cuda:1' is not one of auto, cpu"):
+        loader.execute(grounding_dino="tiny_swint.pth", sam="tiny_vit.pth", device="cuda:1", precision="auto")
 
 
 def test_loader_reads_variants_from_weights_and_uses_model_management(models):
@@ -288,8 +288,10 @@ def test_progress_and_interruption(mask_node, models):
 
 
 def test_bad_inputs_name_the_input(mask_node, models):
-    assert "prompt" in mask_node.validate_inputs(boxes="all", prompt=" . , ")
-    assert "boxes" in mask_node.validate_inputs(boxes="most", prompt="dog")
+    assert "prompt" in mask_node.validate_inputs(prompt=" . , ")
+    assert mask_node.validate_inputs(prompt="dog") is True
+    with pytest.raises(ValueError, match="boxes: 'most' is not one of all, best"):
+        run(mask_node, models, images(1), boxes="most")
     with pytest.raises(ValueError, match="grounding"):
         run(mask_node, object(), images(1))
     with pytest.raises(ValueError, match="image"):

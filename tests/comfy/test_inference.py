@@ -40,8 +40,11 @@ def rra_patch(model, concept, vae, reference=REF, **overrides):
                **{**RRA_DEFAULTS, **overrides})[0]
 
 
-def reference_attention(model):
-    return model.wrappers["apply_model"]["eqdiff_rra"][0].__self__
+def last_run(model):
+    """What the last sampling run of an RRA-patched MODEL (or of a clone of it) reported."""
+    from comfy_env import pack_module
+
+    return pack_module("nodes.comfyui.attention").run_log(model).last
 
 
 def snapshot(model):
@@ -112,7 +115,7 @@ def test_closed_gate_through_the_attention_path_is_an_exact_identity(applied, ti
     concept = random_concept(*tiny_shapes, gate=-1e4, seed=5)
     patched = rra_patch(m, concept, vae, cache=False)
     assert torch.equal(sample(patched, c, batch=2), sample(m, c, batch=2))
-    assert reference_attention(patched).stats["reference_passes"] == 3
+    assert last_run(patched).reference_passes == 3
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +138,10 @@ def test_nonzero_gate_changes_only_the_patched_layers(gated):
         hook.remove()
     assert not torch.equal(out_rra, out_plain)
     # the middle block is upstream of every output-block RRA layer: at the first step (same input)
-    # its activations are the same with and without RRA; later steps start from different latents
-    assert len(seen) == 4 and torch.equal(seen[0], seen[2]) and not torch.equal(seen[1], seen[3])
+    # its activations are the same with and without RRA (to float rounding: the reference rows ride in
+    # the same batch); later steps start from different latents
+    assert len(seen) == 4 and torch.allclose(seen[0], seen[2], atol=1e-5, rtol=0)
+    assert not torch.allclose(seen[1], seen[3], atol=1e-3, rtol=0)
 
 
 def test_source_model_is_unchanged_by_patching_and_sampling(gated):
@@ -152,36 +157,37 @@ def test_source_model_is_unchanged_by_patching_and_sampling(gated):
 def test_one_reference_pass_per_step_then_cache_hits(gated, batch):
     m, c, vae, concept = gated
     patched = rra_patch(m, concept, vae)
-    ra = reference_attention(patched)
     first = sample(patched, c, batch=batch, steps=4)
-    assert ra.stats == {"reference_passes": 4, "cache_hits": 0}
+    assert last_run(patched).stats == {"reference_passes": 4, "cache_hits": 0}
     second = sample(patched, c, batch=batch, steps=4, seed=9, prompt="<testconcept> on the moon")
-    assert ra.stats == {"reference_passes": 4, "cache_hits": 4}
+    assert last_run(patched).stats == {"reference_passes": 0, "cache_hits": 4}
     assert not torch.equal(first, second)
     uncached = rra_patch(m, concept, vae, cache=False)
-    assert torch.equal(sample(uncached, c, batch=batch, steps=4, seed=9, prompt="<testconcept> on the moon"), second)
-    assert reference_attention(uncached).stats == {"reference_passes": 4, "cache_hits": 0}
+    # the cached features are the computed ones: the same image up to the rounding of another batch shape
+    recomputed = sample(uncached, c, batch=batch, steps=4, seed=9, prompt="<testconcept> on the moon")
+    assert torch.allclose(recomputed, second, rtol=1e-4, atol=1e-3)
+    assert last_run(uncached).stats == {"reference_passes": 4, "cache_hits": 0}
 
 
 def test_cache_recomputes_for_other_weights_reference_or_schedule(gated, tiny_shapes):
     m, c, vae, concept = gated
     patched = rra_patch(m, concept, vae)
-    ra = reference_attention(patched)
     sample(patched, c, steps=3)
-    assert ra.stats["reference_passes"] == 3
+    assert last_run(patched).reference_passes == 3
     # other weights: a weight patch added downstream of the RRA Patch (as a LoRA loader would)
     other = patched.clone()
     key = next(iter(concept.kv_deltas))
     other.add_patches({key: (torch.ones_like(concept.kv_deltas[key]) * 0.01,)}, 1.0)
     sample(other, c, steps=3)
-    assert ra.stats["reference_passes"] == 6
+    assert last_run(other).stats == {"reference_passes": 3, "cache_hits": 0}
     # another schedule: new sigmas are computed, shared ones would be valid and are served
     sample(patched, c, steps=5)
-    assert ra.stats["reference_passes"] > 6
+    run = last_run(patched)
+    assert run.reference_passes > 0 and run.reference_passes + run.cache_hits == 5
     # another reference: its own features
     other_ref = rra_patch(m, concept, vae, reference=torch.rand(1, 64, 64, 3))
     sample(other_ref, c, steps=3)
-    assert reference_attention(other_ref).stats["reference_passes"] == 3
+    assert last_run(other_ref).reference_passes == 3
     assert not torch.equal(sample(other_ref, c, steps=3), sample(patched, c, steps=3))
 
 
@@ -249,9 +255,9 @@ def test_other_packs_patches_and_wrappers_keep_working(gated):
     patched = rra_patch(other, concept, vae, cache=False)
     separate = sample(patched, c, batch=2)
     assert calls and wrapped
-    assert reference_attention(patched).stats["reference_passes"] == 3
+    assert last_run(patched).reference_passes == 3
     assert wrapped == [4, 4, 4]  # the foreign wrapper is outside ours: it sees each step's target call
-    assert set(calls) == {1, 4}  # inside, the reference got a call of its own (1 row) beside the 2 x 2 rows
+    assert set(calls) == {2, 4}  # inside, the reference got a call of its own (a row per CFG branch) beside 2 x 2
     assert torch.allclose(separate, shared, rtol=1e-4, atol=1e-3)  # batch shapes differ: float rounding only
 
 
@@ -262,7 +268,7 @@ def test_long_prompts_and_other_reference_contexts(gated):
     assert encode(c, long_prompt)[0][0].shape[1] == 154
     patched = rra_patch(m, concept, vae, cache=False)
     out = sample(patched, c, prompt=long_prompt)
-    assert torch.isfinite(out).all() and reference_attention(patched).stats["reference_passes"] == 3
+    assert torch.isfinite(out).all() and last_run(patched).reference_passes == 3
     ref_cond = encode(c, long_prompt)
     patched = rra_patch(m, concept, vae, cache=False, reference_conditioning=ref_cond)
     assert torch.isfinite(sample(patched, c)).all()

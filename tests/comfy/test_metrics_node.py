@@ -4,7 +4,6 @@ ComfyUI's folder_paths the way extra_model_paths.yaml would."""
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -54,11 +53,8 @@ def test_schema_lists_the_registered_folders_and_documents_every_input(node):
     options = {inp.id: inp.options for inp in schema.inputs if getattr(inp, "options", None)}
     assert {"tiny-clip", "clip-vit-base-patch32"} <= set(options["clip_model"])
     assert {"tiny-dino", "dino-vits16"} <= set(options["dino_model"])
-    assert node.validate_inputs(clip_model="tiny-clip", dino_model="tiny-dino", preprocessing="custom_diffusion",
-                                device="cpu") is True
-    error = node.validate_inputs(clip_model="nope", dino_model="tiny-dino", preprocessing="custom_diffusion",
-                                 device="cpu")
-    assert error.startswith("clip_model: 'nope' is not one of")
+    with pytest.raises(ValueError, match="clip_model: 'nope' is not one of"):
+        run(node, torch.rand(1, 32, 32, 3), torch.rand(1, 32, 32, 3), "a dog", clip_model="nope")
 
 
 def test_node_equals_core_metrics_and_writes_its_files(node, metric_folders, output_dir):

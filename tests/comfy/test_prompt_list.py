@@ -81,7 +81,10 @@ def test_errors_name_the_input_and_the_fix(node, overrides, message):
 def test_validation_accepts_good_and_linked_inputs_and_refuses_unknown_lists(node):
     assert node.validate_inputs(**{k: v for k, v in DEFAULTS.items() if k != "images_per_prompt"}) is True
     assert node.validate_inputs(list="custom", subject=None, custom_prompts="a dog", first_index=0, count=0) is True
-    assert node.validate_inputs(list="animals").startswith("list: 'animals' is not one of live, nolive, style, custom")
+    unknown = node.validate_inputs(list="animals", subject="<x> dog", custom_prompts="", first_index=0, count=0)
+    assert unknown.startswith("list: 'animals' is not one of live, nolive, style, custom")
+    assert node.validate_inputs(list="live", subject="<x> dog", custom_prompts="", first_index=-1, count=0) == \
+        "first_index: -1 is below the minimum 0"  # the built-in check is off for inputs validate_inputs names
     # a custom text without {} does not matter for the shipped lists
     assert node.validate_inputs(list="live", subject="<x> dog", custom_prompts="no placeholder", first_index=0,
                                 count=5) is True

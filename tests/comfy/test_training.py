@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from comfy_env import use_comfy
+from comfy_env import pack_module, use_comfy
 
 use_comfy()
 
@@ -31,26 +31,24 @@ def run_trainer(nodes, tiny, steps=2, **kw):
 
 
 @pytest.fixture(scope="module")
-def pack():
-    """The pack's own modules as ComfyUI imported them."""
-    import sys
+def pack(registered_nodes):
+    """The training backend and the core training module, as ComfyUI imported them."""
+    from comfy_env import pack_module
 
-    name = next(n for n in sys.modules if n.endswith("eqdiff-nodes.nodes.glue"))
-    root = name[: -len(".nodes.glue")]
-    return sys.modules[name], sys.modules[root + ".eqdiff_core.training"]
+    return pack_module("nodes.comfyui.training"), pack_module("eqdiff_core.training")
 
 
 @pytest.fixture(scope="module")
 def session(registered_nodes, tiny, pack):
     """A training session on the tiny model: parameters, data, backend (fp32, 64 px)."""
-    glue, training = pack
+    comfy_training, training = pack
     model, clip, vae = tiny
     settings = training.settings_for("official", resolution=SIZE)
     images, masks = photos()
     with torch.inference_mode(False):
-        params = glue.initial_parameters(model, clip, settings)
-        data = glue.training_data(model, vae, images, masks, None, settings, SIZE)
-        backend = glue.TrainingBackend(model, clip, params, settings, token="<unit>", class_word="dog",
+        params = comfy_training.initial_parameters(model, clip, settings)
+        data = comfy_training.training_data(model, vae, images, masks, None, settings, SIZE)
+        backend = comfy_training.TrainingBackend(model, clip, params, settings, token="<unit>", class_word="dog",
                                        dtype=torch.float32, gradient_checkpointing=False)
     return params, data, backend, settings
 
@@ -94,19 +92,18 @@ def test_loss_falls_when_overfitting_a_fixed_batch(session, pack):
     params, data, backend, settings = session
     with torch.inference_mode(False):
         fresh = type(params).from_concept(params.to_concept({}))
-        backend.params = fresh
-        backend.rra.params = fresh
+        backend.set_parameters(fresh)
         try:
-            opt = training.make_optimizer(fresh, 1e-2, settings)
+            opt = training.make_optimizer(fresh, 3e-3, settings)
             losses = []
             for _ in range(6):
-                loss, _ = training.training_step(fresh, backend, data, settings, 1, training.step_generator(5, 0))
+                loss, _, _ = training.training_step(fresh, backend, data, settings, 1, training.step_generator(5, 0))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
         finally:
-            backend.params = backend.rra.params = params
+            backend.set_parameters(params)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -123,6 +120,9 @@ class Recorder:
     def class_context(self):
         return self.inner.class_context()
 
+    def reference_context(self):
+        return self.inner.reference_context()
+
     def reference_features(self, *a):
         return self.inner.reference_features(*a)
 
@@ -135,16 +135,16 @@ class Recorder:
 
 
 def test_mgdp_keeps_the_background_clean_and_the_loss_ignores_it(tiny, session, pack):
-    glue, training = pack
+    comfy_training, training = pack
     params, _, backend, _ = session
     settings = training.settings_for("official", resolution=SIZE, p_low=0.0, p_high=0.0, p_original=1.0,
                                      ra_loss_weight=0.0, cross_attention_loss_weight=0.0, dilate_iterations=1,
                                      dilate_kernel=3)
     rec = Recorder(backend)
     with torch.inference_mode(False):
-        data = glue.training_data(tiny[0], tiny[2], *photos(), None, settings, SIZE)
+        data = comfy_training.training_data(tiny[0], tiny[2], *photos(), None, settings, SIZE)
         n = data.photos
-        loss, _ = training.training_step(params, rec, data, settings, n, training.step_generator(1, 0))
+        loss, _, _ = training.training_step(params, rec, data, settings, n, training.step_generator(1, 0))
     order = torch.randperm(n, generator=training.step_generator(1, 0))  # the step's first draw
     z0, mask = data.latents[training.ORIGINAL, order], data.loss_masks[order].expand(-1, 4, -1, -1)
     x = rec.inputs[0]
@@ -155,16 +155,16 @@ def test_mgdp_keeps_the_background_clean_and_the_loss_ignores_it(tiny, session, 
     background = (data.loss_masks[order] == 0).float()
     moved = Recorder(backend, change=lambda eps: eps + 50.0 * background)
     with torch.inference_mode(False):
-        loss_moved, parts = training.training_step(params, moved, data, settings, n, training.step_generator(1, 0))
+        loss_moved, _, batch = training.training_step(params, moved, data, settings, n, training.step_generator(1, 0))
     assert float(loss_moved.detach()) == pytest.approx(float(loss.detach()), rel=1e-5)  # Eq. 7: outside M ignored
-    assert parts["branches"].tolist() == [training.ORIGINAL] * n
+    assert batch.branches.tolist() == [training.ORIGINAL] * n
     high = Recorder(backend)
     settings_high = training.settings_for("official", resolution=SIZE, p_low=0.0, p_high=1.0, p_original=0.0,
                                           ra_loss_weight=0.0, cross_attention_loss_weight=0.0, dilate_iterations=1,
                                           dilate_kernel=3)
     with torch.inference_mode(False):
-        _, parts = training.training_step(params, high, data, settings_high, n, training.step_generator(1, 0))
-    assert parts["branches"].tolist() == [training.HIGH] * n  # Eq. 5 with p_h = 1: the high band's latent
+        _, _, batch = training.training_step(params, high, data, settings_high, n, training.step_generator(1, 0))
+    assert batch.branches.tolist() == [training.HIGH] * n  # Eq. 5 with p_h = 1: the high band's latent
     assert torch.equal(high.inputs[0][outside], data.latents[training.HIGH, order].expand(-1, 4, -1, -1)[outside])
 
 
@@ -208,21 +208,21 @@ def test_trained_context_equals_the_inference_encoding(registered_nodes, tiny, s
 
 
 def test_checkpointing_gives_the_same_gradients(registered_nodes, tiny, pack):
-    glue, training = pack
+    comfy_training, training = pack
     model, clip, vae = tiny
     settings = training.settings_for("official", resolution=SIZE)
     images, masks = photos()
     grads = []
     with torch.inference_mode(False):
-        data = glue.training_data(model, vae, images, masks, None, settings, SIZE)
+        data = comfy_training.training_data(model, vae, images, masks, None, settings, SIZE)
         for ckpt in (False, True):
-            params = glue.initial_parameters(model, clip, settings)
+            params = comfy_training.initial_parameters(model, clip, settings)
             with torch.no_grad():
                 for layer in params.rra.values():
                     layer.h_r.bias[-1] = 0.5  # open the gates so RRA is on the path
-            backend = glue.TrainingBackend(model, clip, params, settings, token="<unit>", class_word="dog",
+            backend = comfy_training.TrainingBackend(model, clip, params, settings, token="<unit>", class_word="dog",
                                            dtype=torch.float32, gradient_checkpointing=ckpt)
-            loss, _ = training.training_step(params, backend, data, settings, 2, training.step_generator(0, 0))
+            loss, _, _ = training.training_step(params, backend, data, settings, 2, training.step_generator(0, 0))
             loss.backward()
             grads.append({n: p.grad.clone() for n, p in params.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
@@ -286,8 +286,11 @@ def test_bad_inputs_get_clear_errors(registered_nodes, tiny):
         run_trainer(registered_nodes, tiny, learning_rate=0.0)
     with pytest.raises(ValueError, match="class_word"):
         run_trainer(registered_nodes, tiny, class_word="  ")
-    assert registered_nodes["EqDiffFDTETrainer"].validate_inputs(name="bad name") != True  # noqa: E712
-    assert registered_nodes["EqDiffFDTETrainer"].validate_inputs(precision="fp8") != True  # noqa: E712
+    assert "name: 'bad name' must start" in registered_nodes["EqDiffFDTETrainer"].validate_inputs(name="bad name")
+    with pytest.raises(ValueError, match="precision: 'fp8' is not one of bf16, fp32"):
+        run_trainer(registered_nodes, tiny, precision="fp8")
+    with pytest.raises(ValueError, match="steps: 0 trains nothing"):
+        run_trainer(registered_nodes, tiny, steps=0)
     one = run_trainer(registered_nodes, tiny, steps=1, photos=photos(1))[0]  # documented: its own reference
     assert one.metadata["photos"] == 1
     image, mask = photos(1)
@@ -362,7 +365,35 @@ def test_trainer_options_override_only_what_is_set(registered_nodes, pack):
                          "filter_shape": "circle", "prompt_template": "a {token} {class_word}"}
     settings = training.settings_for("paper", **overrides)
     assert settings.train_rra is False and settings.filter_shape == "circle" and settings.p_high == 0.1
-    assert node.validate_inputs(**changed) is True
-    assert "resolution" in node.validate_inputs(**{**inputs, "resolution": 100})
-    assert "prompt_template" in node.validate_inputs(**{**inputs, "prompt_template": "no token here"})
-    assert "filter_profile" in node.validate_inputs(**{**inputs, "filter_profile": "triangle"})
+    for name, bad in (("resolution", 100), ("prompt_template", "no token here"), ("filter_profile", "triangle")):
+        with pytest.raises(ValueError, match=name):
+            node.execute(**{**inputs, name: bad})
+
+
+def test_the_trainable_copy_holds_the_weights_the_model_computes_with(tiny, pack, tiny_shapes):
+    """Whether ComfyUI merges weight patches into its modules (0.3.75 on a full load) or applies them on
+    the fly (low-VRAM loading here; Dynamic VRAM on NVIDIA GPUs), the copy holds base + patches. The
+    low-VRAM load stands in for Dynamic VRAM, which ComfyUI never enables on a CPU."""
+    import comfy.model_management
+
+    comfy_training, _ = pack
+    weights = pack_module("nodes.comfyui.weights")
+    model = tiny[0]
+    key = next(k for k in tiny_shapes[0] if k.endswith("attn2.to_k.weight"))
+    base = model.model_state_dict()[key].float().clone()
+    patched = model.clone()
+    patched.add_patches({key: (torch.full(base.shape, 0.125),)}, 2.0)
+    comfy.model_management.unload_all_models()
+    try:
+        patched.patch_model(torch.device("cpu"), lowvram_model_memory=1)  # patches applied per call, not merged
+        module_weight = patched.get_model_object("diffusion_model").get_parameter(key[len("diffusion_model."):])
+        assert torch.equal(module_weight.float(), base), "the low-VRAM load merged the patch; the test needs it apart"
+        with torch.inference_mode(False):
+            private = comfy_training.trainable_copy(patched.get_model_object("diffusion_model"),
+                                                    weights.patched_weights(patched, "diffusion_model."), torch.float32)
+        copied = private.get_parameter(key[len("diffusion_model."):])
+        assert torch.allclose(copied, base + 0.25, atol=1e-6)
+        assert not private.get_submodule(key[len("diffusion_model."):-len(".weight")]).comfy_cast_weights
+    finally:
+        patched.unpatch_model()
+        comfy.model_management.unload_all_models()

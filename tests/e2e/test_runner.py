@@ -58,7 +58,7 @@ def inputs(tmp_path_factory):
 def command(inputs, out: Path, servers: int) -> list[str]:
     return [sys.executable, str(RUNNER), "--table1", "--subjects", str(inputs["subjects"]), "--prompts-dir",
             str(inputs["prompts"]), "--seeds", "0", "1", "--checkpoint", "eqdiff_tiny_sd15.safetensors",
-            "--train-steps", "2", "--train-size", "64", "--train-precision", "fp32", "--steps", "2", "--size", "64",
+            "--train-steps", "2", "--train-size", "64", "--train-precision", "fp32", "--class-images", "2", "--steps", "2", "--size", "64",
             "--clip-model", str(inputs["clip"]), "--dino-model", str(inputs["dino"]), "--metrics-device", "cpu",
             "--out", str(out), "--cpu-servers", str(servers), "--ray-temp-dir", str(inputs["ray_tmp"])]
 

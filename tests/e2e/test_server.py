@@ -9,8 +9,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from comfy_env import REPO
-from comfy_server import PromptRejected
-from numpy_reference import numpy_split
+from comfy_server import PromptFailed, PromptRejected
+from numpy_reference import authors_fft_filtering, numpy_split
 
 FFT_WORKFLOW = json.loads((REPO / "workflows" / "api" / "fft_split.json").read_text())
 # ComfyUI 0.3.75 without torchaudio: its two audio node modules fail to import; nothing else may.
@@ -31,7 +31,8 @@ def test_object_info_lists_the_nodes_with_their_inputs(server):
     assert list(required) == ["image", "low_cutoff", "high_cutoff", "shape", "profile",
                               "butterworth_order", "grayscale", "output"]
     assert required["low_cutoff"][0] == "FLOAT" and required["low_cutoff"][1]["max"] == 1.5
-    assert required["shape"][1]["options"] == ["circle", "square"] or required["shape"][0] == ["circle", "square"]
+    shapes = ["circle", "square", "box"]
+    assert required["shape"][1].get("options") == shapes or required["shape"][0] == shapes
     assert all("tooltip" in spec[1] for spec in required.values())
     assert info["output"] == ["IMAGE", "IMAGE", "IMAGE"]
     assert info["output_name"] == ["low", "high", "high preview"]
@@ -50,9 +51,15 @@ def assert_close_to_saved(path, reference, what):
 
 
 def test_fft_split_workflow_matches_numpy_reference(server):
+    """The shipped FFT workflow on a lossless 512 px copy of its photo: ComfyUI decodes JPEGs with PyAV from 0.21
+    on, whose pixels differ from PIL's by up to 30 levels, so the reference reads the very same pixels."""
     photo = ImageOps.exif_transpose(Image.open(server.input_dir / "backpack_dog_00.jpg")).convert("RGB")
+    photo = photo.resize((512, 512), Image.Resampling.BICUBIC)  # the authors' training size
+    photo.save(server.input_dir / "fft_reference.png")
     x = np.asarray(photo).astype(np.float64) / 255.0
-    entry = server.run(FFT_WORKFLOW)
+    prompt = copy.deepcopy(FFT_WORKFLOW)
+    prompt["1"]["inputs"]["image"] = "fft_reference.png"
+    entry = server.run(prompt)
 
     chw = x.transpose(2, 0, 1)[None]
     to_hwc = lambda band: band[0].transpose(1, 2, 0)  # noqa: E731
@@ -61,8 +68,10 @@ def test_fft_split_workflow_matches_numpy_reference(server):
     assert_close_to_saved(server.output_files(entry, "3")[0], low, "low band")
     assert_close_to_saved(server.output_files(entry, "4")[0], high_preview, "high preview")
 
-    authors_low, authors_high = (to_hwc(b) for b in numpy_split(chw * 2 - 1, 50 / 256, 5 / 256, "square", "ideal", 2,
-                                                                 True, "magnitude"))
+    # the authors' filter (numpy, written from their description) on the 512 px photo in [-1, 1]: their 50
+    # and 5 bins are the workflow's cutoffs 0.1953125 and 0.01953125 of Nyquist
+    authors_low = to_hwc(authors_fft_filtering(chw * 2 - 1, 50, True))
+    authors_high = to_hwc(authors_fft_filtering(chw * 2 - 1, 5, False))
     assert_close_to_saved(server.output_files(entry, "6")[0], (authors_low + 1) / 2, "authors' low band")
     preview = np.clip(authors_high / (authors_high.mean() + 3 * authors_high.std()), 0, 1)
     assert_close_to_saved(server.output_files(entry, "7")[0], preview, "authors' high preview")
@@ -101,11 +110,19 @@ def test_invalid_branch_is_reported_while_valid_outputs_still_run(server):
     assert server.output_files(entry, "6") and not server.output_files(entry, "3")
 
 
-def test_unknown_option_is_rejected(server):
+def test_unknown_option_is_refused_naming_the_input(server):
+    """ComfyUI checks V3 combo values itself from 0.8 on (at queue time); before, the node refuses the
+    value when it runs. Either way the message names the input."""
     bad = copy.deepcopy(FFT_WORKFLOW)
     bad["2"]["inputs"]["shape"] = "triangle"
-    with pytest.raises(PromptRejected) as err:
-        server.queue(bad)
-    error = err.value.body["node_errors"]["2"]["errors"][0]
-    assert error["extra_info"]["input_name"] == "shape"
-    assert "'triangle' is not one of circle, square" in error["details"]
+    version = tuple(int(p) for p in server.get("/system_stats")["system"]["comfyui_version"].split(".")[:2])
+    if version >= (0, 8):
+        with pytest.raises(PromptRejected) as err:
+            server.queue(bad)
+        error = err.value.body["node_errors"]["2"]["errors"][0]
+        assert error["extra_info"]["input_name"] == "shape" and "triangle" in error["details"]
+    else:
+        with pytest.raises(PromptFailed) as err:
+            server.run(bad)
+        assert "shape: 'triangle' is not one of circle, square" in str(err.value)
+    assert server.alive()

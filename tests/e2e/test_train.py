@@ -36,6 +36,7 @@ def small_train(folder: str, name: str) -> dict:
     p["3"]["inputs"]["resolution"] = 64
     p["4"]["inputs"].update(steps=2, batch_size=1, precision="fp32", name=name)
     p["5"]["inputs"]["name"] = name
+    p["7"]["inputs"].update(count=2, size=64, steps=2)
     return p
 
 
@@ -74,4 +75,25 @@ def test_mismatched_masks_fail_clearly_and_the_server_keeps_serving(server):
     except PromptFailed as err:
         error = next(m[1] for m in err.messages if m[0] == "execution_error")
         assert error["node_id"] == "4" and "mask of photo 2 is empty" in error["exception_message"]
+    assert server.alive()
+
+
+def test_bad_trainer_inputs_are_refused_under_the_input_at_fault(server):
+    """steps 0 would train nothing; a bad name is reported under ``name`` only, so the frontend marks
+    that widget."""
+    from comfy_server import PromptRejected
+
+    folder = make_subject(server.input_dir, "e2e_refused")
+    zero_steps = small_train(folder, "e2e_refused")
+    zero_steps["4"]["inputs"]["steps"] = 0
+    bad_name = small_train(folder, "e2e_refused")
+    bad_name["4"]["inputs"]["name"] = "my concept!"
+    for prompt, field, message in ((zero_steps, "steps", "min"), (bad_name, "name", "must start with a letter")):
+        try:
+            server.queue(prompt)
+            raise AssertionError(f"{field} must be refused")
+        except PromptRejected as err:
+            errors = err.body["node_errors"]["4"]["errors"]
+            assert {e["extra_info"]["input_name"] for e in errors} == {field}, errors
+            assert message in json.dumps(errors)
     assert server.alive()

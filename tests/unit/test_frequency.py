@@ -1,20 +1,25 @@
 """eqdiff_core.frequency against an independent numpy implementation (full fft2 + fftshift)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from eqdiff_core import frequency as fq
-from numpy_reference import numpy_split
+from eqdiff_core import training
+from numpy_reference import authors_fft_filtering, numpy_split
+
+REAL_SHAPES = ("circle", "square")  # filters with a real inverse, any profile
+PHOTO = Path(__file__).resolve().parents[2] / "workflows" / "assets" / "backpack_dog_00.jpg"
 
 
 def random_images(b, c, h, w, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).uniform(-1, 1, (b, c, h, w)))
 
 
-@pytest.mark.parametrize("shape", fq.SHAPES)
+@pytest.mark.parametrize("shape", REAL_SHAPES)
 @pytest.mark.parametrize("profile", fq.PROFILES)
 @pytest.mark.parametrize("output", fq.OUTPUTS)
 @pytest.mark.parametrize("grayscale", [False, True])
@@ -28,7 +33,7 @@ def test_matches_numpy_reference(shape, profile, output, grayscale):
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 9), (9, 1), (2, 3), (7, 5), (33, 64), (64, 33)])
-@pytest.mark.parametrize("shape", fq.SHAPES)
+@pytest.mark.parametrize("shape", REAL_SHAPES)
 def test_edge_sizes_match_numpy(size, shape):
     x = random_images(3, 1, *size, seed=1)
     got = fq.frequency_split(x, 0.4, None, shape, "ideal", 2, False, "signed")
@@ -37,8 +42,7 @@ def test_edge_sizes_match_numpy(size, shape):
     np.testing.assert_allclose(got[1].numpy(), want[1], atol=1e-10)
 
 
-@pytest.mark.parametrize("shape", fq.SHAPES)
-@pytest.mark.parametrize("profile", fq.PROFILES)
+@pytest.mark.parametrize("shape,profile", [(s, p) for s in REAL_SHAPES for p in fq.PROFILES] + [("box", "ideal")])
 @pytest.mark.parametrize("size", [(64, 64), (31, 47)])
 def test_signed_bands_reconstruct_input_float32(shape, profile, size):
     x = random_images(4, 3, *size, seed=2).float()
@@ -149,3 +153,55 @@ def test_cuda_matches_cpu():
         assert all(g.device.type == "cuda" for g in gpu)
         for c, g in zip(cpu, gpu):
             assert torch.allclose(c, g.cpu(), atol=1e-5)
+
+
+def photo_pixels(size=512) -> torch.Tensor:
+    """The shipped photo at size x size in [-1, 1], (1, 3, H, W) float64, as the authors' loader gives it."""
+    from PIL import Image
+
+    image = Image.open(PHOTO).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float64) / 127.5 - 1.0).permute(2, 0, 1)[None].contiguous()
+
+
+def test_box_is_the_authors_filter_on_the_shipped_photo():
+    """The official bands (box, grayscale, magnitude; 50 and 5 bins on 512 px) equal an independent
+    numpy re-implementation of the authors' fft_filtering (tests/numpy_reference.py, written from
+    eqdiff-method.md §1.1), in float64 to rounding and in float32 as training computes them."""
+    x = photo_pixels()
+    want_low, want_high = authors_fft_filtering(x.numpy(), 50, True), authors_fft_filtering(x.numpy(), 5, False)
+    low, high = fq.frequency_split(x, fq.bins_to_cutoff(50), fq.bins_to_cutoff(5), "box", "ideal", 2, True,
+                                   "magnitude")
+    np.testing.assert_allclose(low.numpy(), want_low, atol=1e-12)
+    np.testing.assert_allclose(high.numpy(), want_high, atol=1e-12)
+    official = training.frequency_bands(x.float(), training.PRESETS["official"])
+    np.testing.assert_allclose(official[0].numpy(), want_low, atol=2e-5)
+    np.testing.assert_allclose(official[1].numpy(), want_high, atol=2e-5)
+    # the symmetric box (bins |k| <= 49 kept, |k| <= 4 removed) differs by what the fidelity review measured
+    square = fq.frequency_split(x, fq.bins_to_cutoff(50), fq.bins_to_cutoff(5), "square", "ideal", 2, True, "magnitude")
+    relative = [float(np.linalg.norm(s.numpy() - w) / np.linalg.norm(w)) for s, w in zip(square, (want_low, want_high))]
+    assert relative == pytest.approx([0.021, 0.178], abs=0.001)
+
+
+def test_box_keeps_one_more_bin_on_the_negative_side():
+    mask = fq.box_mask(512, 512, fq.bins_to_cutoff(50), dtype=torch.float64)
+    k = torch.fft.fftfreq(512, d=1 / 512)
+    kept = sorted(int(v) for v in k[mask[:, 0].bool()])
+    assert kept == list(range(-50, 50))
+    assert mask.sum() == 100 * 100
+
+
+def test_box_signed_output_is_the_real_part_of_the_complex_band():
+    x = random_images(2, 3, 32, 40, seed=3)
+    low, high = fq.frequency_split(x, 0.25, 0.1, "box", "ideal", 2, False, "signed")
+    spectrum = np.fft.fftshift(np.fft.fft2(x.numpy()), axes=(-2, -1))
+    ky = np.arange(32) - 16
+    kx = np.arange(40) - 20
+
+    def box(c_y, c_x):
+        return ((ky >= -c_y) & (ky < c_y))[:, None] & ((kx >= -c_x) & (kx < c_x))[None, :]
+
+    band = lambda m: np.fft.ifft2(np.fft.ifftshift(spectrum * m, axes=(-2, -1)))  # noqa: E731
+    np.testing.assert_allclose(low.numpy(), band(box(0.25 * 16, 0.25 * 20)).real, atol=1e-10)
+    np.testing.assert_allclose(high.numpy(), band(~box(0.1 * 16, 0.1 * 20)).real, atol=1e-10)
+    with pytest.raises(ValueError, match="profile"):
+        fq.frequency_split(x, 0.25, 0.1, "box", "gaussian")

@@ -53,7 +53,9 @@ def test_mask_guided_latent_is_eq6():
     assert torch.equal(out[~inside], z0[~inside]) and torch.allclose(out[inside], z_t[inside])
 
 
-def test_masked_mse_is_a_per_element_mean_inside_the_mask():
+def test_masked_mse_is_eq7_divided_by_the_mask_area_or_the_element_count():
+    """The authors' train.py divides sum_{c,h,w} M (eps_hat - eps)^2 by sum_{h,w} M ("mask_area"); the
+    per-element mean also divides by the 4 channels ("elements")."""
     g = torch.Generator().manual_seed(2)
     pred, target = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
     mask = (torch.rand(3, 1, 5, 5, generator=g) > 0.4).float()
@@ -61,7 +63,10 @@ def test_masked_mse_is_a_per_element_mean_inside_the_mask():
     for b in range(3):
         sel = mask[b, 0].bool()
         per_sample.append(((pred[b][:, sel] - target[b][:, sel]) ** 2).mean())
-    assert training.masked_mse(pred, target, mask) == pytest.approx(float(torch.stack(per_sample).mean()), rel=1e-6)
+    mean_inside = float(torch.stack(per_sample).mean())
+    assert training.masked_mse(pred, target, mask, "elements") == pytest.approx(mean_inside, rel=1e-6)
+    assert training.masked_mse(pred, target, mask, "mask_area") == pytest.approx(4 * mean_inside, rel=1e-6)
+    assert training.masked_mse(pred, target, mask) == training.masked_mse(pred, target, mask, "mask_area")
     # the prediction outside the mask has no influence
     moved = pred + 100.0 * (1 - mask)
     assert training.masked_mse(moved, target, mask) == pytest.approx(float(training.masked_mse(pred, target, mask)))
@@ -98,7 +103,9 @@ def test_reference_augmentation_moves_latent_and_mask_together():
 def test_presets_and_overrides():
     official, paper = training.settings_for("official"), training.settings_for("paper")
     assert (official.p_low, official.p_high, official.p_original) == (0.1, 0.1, 0.8)
-    assert official.filter_shape == "square" and paper.filter_shape == "circle"
+    assert official.filter_shape == "box" and paper.filter_shape == "circle"
+    assert official.class_prompt == "{class_word}" and official.reference_prompt == "instance"
+    assert official.masked_loss_normalisation == "mask_area" and official.detach_start_token
     assert official.reference_timestep_offset == 2 and paper.reference_timestep_offset == 0
     assert training.settings_for("paper", ra_loss_weight=0.5).ra_loss_weight == 0.5
     with pytest.raises(ValueError, match="unknown training settings: bogus"):

@@ -1,0 +1,95 @@
+"""Class Images (prior preservation) on the tiny checkpoint: sampled once, kept, extended, resumable."""
+
+import os
+
+import pytest
+import torch
+
+from comfy_env import pack_module, use_comfy
+
+use_comfy()
+SETTINGS = dict(class_prompt="dog", size=64, seed=3, steps=2, cfg=5.0, batch_size=2)
+
+
+@pytest.fixture
+def node(registered_nodes, tmp_path):
+    import folder_paths
+
+    folder_paths.add_model_folder_path("eqdiff_class_images", str(tmp_path), is_default=True)
+    yield registered_nodes["EqDiffClassImages"]
+    folder_paths.folder_names_and_paths["eqdiff_class_images"][0].remove(str(tmp_path))
+
+
+def run(node, tiny, count, **overrides):
+    model, clip, vae = tiny
+    with torch.inference_mode():
+        return node.execute(model=model, clip=clip, vae=vae, count=count, **{**SETTINGS, **overrides}).args[0]
+
+
+def cached_files(tmp_path):
+    return sorted(p for p in tmp_path.rglob("*.png"))
+
+
+def test_images_are_made_once_then_reused_and_extended(node, tiny, tmp_path):
+    first = run(node, tiny, 3)
+    assert first.shape == (3, 64, 64, 3) and first.std() > 0
+    files = cached_files(tmp_path)
+    assert [p.name for p in files] == ["00000.png", "00001.png", "00002.png"]
+    stamps = [os.stat(p).st_mtime_ns for p in files]
+    again = run(node, tiny, 3)
+    assert torch.equal(again, first) and [os.stat(p).st_mtime_ns for p in files] == stamps  # nothing sampled
+    more = run(node, tiny, 5)
+    assert torch.equal(more[:3], first) and len(cached_files(tmp_path)) == 5
+    assert [os.stat(p).st_mtime_ns for p in files] == stamps
+
+
+def test_image_i_depends_only_on_the_settings_and_i(node, tiny, tmp_path):
+    """A cache made in batches of 2 equals one made in batches of 1; another prompt or seed is a new folder."""
+    in_pairs = run(node, tiny, 3)
+    for p in cached_files(tmp_path):
+        p.unlink()
+    one_by_one = run(node, tiny, 3, batch_size=1)
+    assert (one_by_one - in_pairs).abs().max() < 2 / 255  # batched convolutions round differently
+    run(node, tiny, 1, class_prompt="cat")
+    run(node, tiny, 1, seed=4)
+    assert len({p.parent for p in cached_files(tmp_path)}) == 3
+
+
+def test_a_stopped_run_keeps_what_it_made(node, tiny, tmp_path):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    calls = []
+
+    def stop_in_second_batch(value, total, preview, **kwargs):
+        calls.append(value)
+        if len(calls) == SETTINGS["steps"] + 1:  # the first step of the second batch
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(stop_in_second_batch)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run(node, tiny, 4)
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert [p.name for p in cached_files(tmp_path)] == ["00000.png", "00001.png"]
+    assert run(node, tiny, 4).shape[0] == 4 and len(cached_files(tmp_path)) == 4
+
+
+def test_an_empty_prompt_is_refused(node):
+    assert "class_prompt" in node.validate_inputs(class_prompt="  ")
+
+
+def test_the_cache_key_follows_the_weights_the_model_computes_with(tiny, registered_nodes, tiny_shapes):
+    """A concept (or a LoRA) on the MODEL changes the images, so it changes the folder."""
+    from concept_factory import random_concept
+
+    prior = pack_module("nodes.prior")
+    model, clip, _ = tiny
+    plain = prior.cache_folder(model, "dog", 64, 0, 2, 5.0)
+    with torch.inference_mode():
+        patched = registered_nodes["EqDiffApplyConcept"].execute(model, clip, random_concept(*tiny_shapes), 1.0,
+                                                                 "").args[0]
+    assert prior.cache_folder(patched, "dog", 64, 0, 2, 5.0) != plain
+    assert prior.cache_folder(model, "dog", 64, 0, 2, 5.0) == plain
