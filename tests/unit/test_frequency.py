@@ -119,6 +119,20 @@ def test_band_preview_is_displayable():
     assert torch.allclose(fq.band_preview(torch.zeros(1, 3, 4, 4)), torch.full((1, 3, 4, 4), 0.5))
 
 
+def test_band_preview_stretches_to_three_standard_deviations():
+    """The docstring's mapping, by hand: a signed band of +-1 (mean 0, std 1) puts +1 at
+    0.5 + 0.5 / 3 and -1 at 0.5 - 0.5 / 3; a magnitude band of 0 and 2 (mean 1, std 1) has its
+    white point at mean + 3 std = 4, so 2 shows as 0.5; each image is stretched on its own."""
+    signed = torch.tensor([1.0, -1.0]).repeat(8).view(1, 1, 4, 4)
+    want = torch.where(signed > 0, torch.tensor(0.5 + 0.5 / 3), torch.tensor(0.5 - 0.5 / 3))
+    assert torch.allclose(fq.band_preview(signed, True), want)
+    magnitude = torch.tensor([0.0, 2.0]).repeat(8).view(1, 1, 4, 4)
+    assert torch.allclose(fq.band_preview(magnitude, False), magnitude / 4)
+    both = torch.cat([signed, 10 * signed])  # the second image ten times brighter: the same preview
+    assert torch.allclose(fq.band_preview(both, True), torch.cat([want, want]))
+    assert torch.equal(fq.band_preview(torch.full((1, 1, 2, 2), 9.0), True), torch.ones(1, 1, 2, 2))  # clamped
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from eqdiff_core import metrics as M
 from metric_models import CLIP_BPE, write_tiny_clip, write_tiny_dino, write_tiny_dinov2
@@ -89,11 +89,15 @@ def test_custom_diffusion_transforms_are_the_protocols_torchvision_pipelines():
 
 
 def test_preprocessing_channels_and_small_images():
+    # PIL's convert("RGB"): gray repeated into R, G and B; an alpha channel dropped; RGB unchanged
     gray = torch.rand(2, 1, 40, 30)
-    out = M.CUSTOM_DIFFUSION_CLIP(gray)
-    assert out.shape == (2, 3, 224, 224) and torch.equal(out[:, 0] * M.CLIP_STD[0] + M.CLIP_MEAN[0],
-                                                          out[:, 0] * M.CLIP_STD[0] + M.CLIP_MEAN[0])
+    assert torch.equal(M.to_rgb(gray), torch.cat([gray, gray, gray], dim=1))
     rgba = torch.rand(1, 4, 50, 50)
+    assert torch.equal(M.to_rgb(rgba), rgba[:, :3]) and torch.equal(M.to_rgb(rgba[:, :3]), rgba[:, :3])
+    out = M.CUSTOM_DIFFUSION_CLIP(gray)
+    undone = out * torch.tensor(M.CLIP_STD).view(1, 3, 1, 1) + torch.tensor(M.CLIP_MEAN).view(1, 3, 1, 1)
+    assert out.shape == (2, 3, 224, 224)
+    assert torch.allclose(undone[:, 1], undone[:, 0], atol=1e-6) and torch.allclose(undone[:, 2], undone[:, 0], atol=1e-6)
     assert torch.equal(M.CUSTOM_DIFFUSION_DINO(rgba), M.CUSTOM_DIFFUSION_DINO(rgba[:, :3]))
     no_resize = M.ImageTransform(crop=(8, 8))
     padded = no_resize(torch.ones(1, 3, 5, 6))
@@ -210,6 +214,21 @@ def test_bad_inputs(folders):
 def test_render_table():
     rows = [{"image": "0", "prompt": "a dog " * 20, "clip_t": 0.5}, {"image": "mean", "prompt": "", "clip_t": 0.5}]
     image = M.render_table(rows)
-    pixels = np.asarray(image)
-    assert image.mode == "RGB" and image.width > 100 and image.height > 20
-    assert (pixels < 100).any() and (pixels == 255).any()  # text on white
+    pixels = np.asarray(image).astype(int)
+    assert image.mode == "RGB"
+    # the grid (gray 160 lines) splits the image into 3 lines x 3 columns: header, row, mean
+    grid = (pixels == 160).all(axis=2)
+    ys = [y for y in range(pixels.shape[0]) if grid[y].mean() > 0.9]
+    xs = [x for x in range(pixels.shape[1]) if grid[:, x].mean() > 0.9]
+    assert len(ys) == 4 and len(xs) == 4, (ys, xs)
+    # each cell holds its text as PIL's default font draws it: floats with 4 decimals, a long text
+    # cut to 48 characters with an ellipsis; header and last line shaded 230, the others white
+    font = ImageFont.load_default()
+    want = [["image", "prompt", "clip_t"], ["0", ("a dog " * 20)[:47] + "…", "0.5000"], ["mean", "", "0.5000"]]
+    for r, line in enumerate(want):
+        shade = (230, 230, 230) if r in (0, 2) else (255, 255, 255)
+        for c, text in enumerate(line):
+            cell = pixels[ys[r] + 1:ys[r + 1], xs[c] + 1:xs[c + 1]]
+            drawn = Image.new("RGB", (cell.shape[1], cell.shape[0]), shade)
+            ImageDraw.Draw(drawn).text((6 - 1, 6 - 1), text, fill="black", font=font)  # padding 6, minus the line
+            assert np.array_equal(cell, np.asarray(drawn).astype(int)), (r, c, text)

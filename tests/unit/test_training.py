@@ -145,3 +145,42 @@ def test_optimizer_state_round_trip():
         assert float(fresh.state[p]["step"]) == 1
     with pytest.raises(ValueError, match="learning_rate"):
         training.make_optimizer(params, 0.0, settings)
+
+
+def test_reference_augmentation_scales_are_the_authors_ranges():
+    """The draws replayed by hand (r = torch.rand(4) first): paste when r0 < 0.66 at side
+    s = (170 + r1 * (512 - 170)) / 512, else enlarge by s = (614 + r2 * (715 - 614)) / 512 and crop;
+    flip when r3 < 0.5 (the authors' train.py, at 512 px, scaled to the latent side). A ramp along x
+    shows the enlargement: bilinear resizing of a ramp by s has slope w / round(w s) per pixel."""
+    side = 64
+    ramp = torch.arange(side, dtype=torch.float32).expand(4, side, side).clone()
+    mask = torch.ones(1, side, side)
+    canvas = torch.full((4, side, side), -5.0)
+    seen = {"paste": 0, "crop": 0}
+    for seed in range(40):
+        out, m = training.augment_reference(ramp, mask, canvas, torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        r = torch.rand(4, generator=g).tolist()
+        if r[0] < 0.66:
+            seen["paste"] += 1
+            s = round(side * (170 + r[1] * (512 - 170)) / 512)
+            top = int(torch.randint(0, side - s + 1, (1,), generator=g))
+            left = int(torch.randint(0, side - s + 1, (1,), generator=g))
+            want = torch.zeros(1, side, side)
+            want[:, top:top + s, left:left + s] = 1.0
+            assert torch.equal(m, want), seed
+            assert torch.equal(out[:, m[0] == 0], canvas[:, m[0] == 0])
+        else:
+            seen["crop"] += 1
+            big = round(side * (614 + r[2] * (715 - 614)) / 512)
+            slope = (out[0, :, 2:-2].diff(dim=-1)).mean()
+            assert float(slope) == pytest.approx(side / big, rel=1e-4), seed
+            assert m.min() == 1
+    assert seen["paste"] > 10 and seen["crop"] > 5
+    # the class images' flip: r3 < 0.5 mirrors the latent before the augmentation
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        r = torch.rand(4, generator=g).tolist()
+        if r[0] >= 0.66:  # the crop branch keeps the ramp's direction visible
+            out, _ = training.augment_reference(ramp, mask, canvas, torch.Generator().manual_seed(seed), flip=True)
+            assert (float(out[0, 0, -1] - out[0, 0, 0]) < 0) == (r[3] < 0.5), seed
