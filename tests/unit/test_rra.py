@@ -105,3 +105,44 @@ def test_zero_initialised_gate_receives_a_gradient():
     f_ra, gate = layer(q, sa, ref, heads=2)
     rra.residual_reference_fusion(sa * 2.0, f_ra, gate).sum().backward()
     assert layer.h_r.weight.grad[-1].abs().max() > 0 and layer.h_r.bias.grad[-1] != 0
+
+
+def test_attention_with_map_is_softmax_attention_and_its_head_mean():
+    """By hand, per head: softmax(q_h k_h^T / sqrt(d)) v_h, heads concatenated; the map averaged over heads."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(2, 6, 8, generator=g), torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    out, probs = rra.attention_with_map(q, k, v, heads=2)
+    outs, maps = [], []
+    for h in range(2):
+        s = slice(4 * h, 4 * h + 4)
+        a = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / 2.0, dim=-1)  # sqrt(4) = 2
+        outs.append(a @ v[..., s])
+        maps.append(a)
+    assert torch.allclose(out, torch.cat(outs, dim=-1), atol=1e-6)
+    assert torch.allclose(probs, (maps[0] + maps[1]) / 2, atol=1e-6)
+
+
+def test_received_attention_is_a_mean_or_a_weighted_mean_over_targets():
+    a = torch.tensor([[[0.2, 0.8], [0.6, 0.4], [1.0, 0.0]]])  # (1, N=3, M=2)
+    assert torch.allclose(rra.received_attention(a), torch.tensor([[0.6, 0.4]]))
+    w = torch.tensor([[1.0, 3.0, 0.0]])  # weights 1/4, 3/4, 0
+    assert torch.allclose(rra.received_attention(a, w), torch.tensor([[0.2 / 4 + 0.6 * 3 / 4, 0.8 / 4 + 0.4 * 3 / 4]]))
+
+
+def test_loss_layers_are_the_coarsest_output_layers():
+    levels = {"middle.0.0": 3, "output.3.0": 2, "output.4.0": 2, "output.6.0": 1, "output.9.0": 0, "input.1.0": 2}
+    assert rra.loss_layers(levels, list(levels)) == ["output.3.0", "output.4.0"]
+    assert rra.loss_layers(levels, ["output.9.0", "output.6.0"]) == ["output.6.0"]
+    assert rra.loss_layers(levels, ["middle.0.0"]) == []
+
+
+def test_grid_size_keeps_the_aspect_ratio_and_token_grid_upsamples():
+    assert rra.grid_size(64, 64, 64) == (8, 8) and rra.grid_size(24, 32, 48) == (4, 6)
+    assert rra.grid_size(6, 8, 12) == (2, 3) and rra.grid_size(1, 64, 64) == (1, 1)
+    with pytest.raises(ValueError, match="10 tokens do not form a grid of the 8x8 latent's aspect ratio"):
+        rra.grid_size(10, 8, 8)
+    values = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])  # a 2 x 3 grid, row-major
+    assert torch.equal(rra.token_grid(values, 2, 3), values.view(1, 2, 3))
+    up = rra.token_grid(values, 4, 6)
+    assert up.shape == (1, 4, 6) and up[0, 0, 0] == 0.0 and up[0, -1, -1] == 5.0  # corners kept (bilinear, half-pixel)
+    assert float(up[0, 0, 1]) == pytest.approx(0.25)  # 1/4 of the way from 0 to 1 (half-pixel centres)

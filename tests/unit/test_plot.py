@@ -1,0 +1,46 @@
+"""eqdiff_core.plot: pixels at places computed by hand from the documented layout."""
+
+import math
+
+import torch
+
+from eqdiff_core import plot
+
+GREY, BLUE = (190, 190, 190), (30, 90, 200)
+
+
+def rgb(image, x, y):
+    return tuple(round(float(c) * 255) for c in image[round(y), round(x)])
+
+
+def test_loss_curve_draws_the_loss_and_its_running_mean():
+    """Plot area x 56 .. 628, y 24 .. 292 at 640 x 320. History [1, 3] with smoothing 20: the running
+    mean over min(20, 2) = 2 steps is [1, 2] (the first point averages what there is). The loss line
+    goes from (56, 292) to (628, 24), the mean line from (56, 292) to (628, 158)."""
+    image = plot.loss_curve([1.0, float("nan"), 3.0])  # non-finite values are left out
+    assert image.shape == (320, 640, 3) and image.dtype == torch.float32
+    assert torch.equal(image, plot.loss_curve([1.0, 3.0]))
+    left, right, top, bottom = 56, 628, 24, 292
+    mid_x = (left + right) / 2
+    assert rgb(image, mid_x, (top + bottom) / 2) == GREY  # loss line at half way: value 2
+    assert rgb(image, mid_x, (bottom + (top + bottom) / 2) / 2) == BLUE  # mean line at half way: value 1.5
+    assert rgb(image, mid_x, 290) == (255, 255, 255)
+    assert rgb(image, left, 100) == (160, 160, 160) and rgb(image, right, 100) == (160, 160, 160)  # the frame
+    flat = plot.loss_curve([2.0, 2.0])  # no span: the lines lie on the bottom edge
+    assert rgb(flat, mid_x, 292) == BLUE and rgb(flat, mid_x, (top + bottom) / 2) == (255, 255, 255)
+    empty = plot.loss_curve([float("inf")])
+    assert (empty < 1).any() and rgb(empty, mid_x, (top + bottom) / 2) == (255, 255, 255)  # just the message
+
+
+def test_map_grid_places_each_map_under_the_title_in_rows():
+    """cell 10, columns 2, padding 8, title 22, label 16: map i at x = 8 + (i % 2) * 18,
+    y = 22 + (i // 2) * 34; width 8 + 2 * 18 = 44, height 22 + 2 * 34 + 8 = 98."""
+    maps = [("a", torch.full((2, 2), 0.0)), ("b", torch.full((2, 2), 0.5)), ("c", torch.tensor([[1.0, 0.0], [0.0, 1.0]]))]
+    image = plot.map_grid(maps, "title", cell=10, columns=2)
+    assert image.shape == (98, 44, 3)
+    assert rgb(image, 8 + 5, 22 + 5) == (0, 0, 0)
+    assert rgb(image, 26 + 5, 22 + 5) == (128, 128, 128)  # 0.5 * 255 rounded
+    assert rgb(image, 8 + 2, 56 + 2) == (255, 255, 255) and rgb(image, 8 + 7, 56 + 2) == (0, 0, 0)  # nearest upscale
+    assert rgb(image, 26 + 5, 56 + 5) == (255, 255, 255)  # no fourth map: background
+    assert rgb(image, 7, 22 + 5) == (160, 160, 160)  # the frame, one pixel outside the cell
+    assert math.isclose(float(plot.map_grid(maps[:1], "t", cell=10, columns=2).shape[0]), 22 + 34 + 8)
