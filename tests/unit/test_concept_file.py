@@ -93,3 +93,44 @@ def test_check_fits_names_the_mismatch():
         cio.check_fits(c, 24, shapes, {"output.1.0": 16})
     with pytest.raises(cio.ConceptError, match="output.1.0 is 16 wide, this model's self-attention there is 8"):
         cio.check_fits(c, 24, shapes, {"output.1.0": 8, "middle.0.0": 16})
+
+
+def test_every_validation_error_names_the_source_and_the_problem(tmp_path):
+    c = make()
+    c.token_hf = torch.zeros(23)
+    with pytest.raises(cio.ConceptError, match=r"^src: token.lf and token.hf must be two vectors of one width, "
+                                               r"got \(24,\) and \(23,\)"):
+        cio.validate(c, "src")
+    c = make()
+    del c.rra["middle.0.0"]["to_v_res"], c.rra["middle.0.0"]["h_r.bias"]
+    with pytest.raises(cio.ConceptError, match=r"^src: RRA layer middle.0.0 lacks to_v_res, h_r.bias$"):
+        cio.validate(c, "src")
+    c = make()
+    c.reference_context = torch.zeros(77, 23)
+    with pytest.raises(cio.ConceptError, match=r"^src: reference_context must be \(tokens, 24\), got \(77, 23\)"):
+        cio.validate(c, "src")
+    c.reference_context = torch.zeros(77)
+    with pytest.raises(cio.ConceptError, match="reference_context must be"):
+        cio.validate(c, "src")
+    c.reference_context = None
+    assert cio.validate(c, "src") is c  # no reference context is allowed
+    with pytest.raises(cio.ConceptError, match="concept 'testconcept' changes diffusion_model.x, which this model"):
+        cio.check_fits(random_concept({"diffusion_model.x": (2, 2)}, {}, token_dim=24), 24, {}, {})
+
+
+def test_bad_metadata_missing_tokens_and_unknown_rra_tensors(tmp_path):
+    path = str(tmp_path / "c.safetensors")
+    tensors = {"token.lf": torch.zeros(4), "token.hf": torch.zeros(4)}
+    save_file(tensors, path, metadata={"eqdiff_format": str(cio.FORMAT_VERSION), "eqdiff_metadata": "{not json"})
+    with pytest.raises(cio.ConceptError, match=r"c.safetensors: its metadata is not valid JSON"):
+        cio.load(path)
+    save_file({"token.lf": torch.zeros(4)}, path, metadata={"eqdiff_format": str(cio.FORMAT_VERSION)})
+    with pytest.raises(cio.ConceptError, match="lacks the token embeddings token.lf / token.hf"):
+        cio.load(path)
+    save_file({**tensors, "rra.output.1.0.bogus": torch.zeros(1)}, path,
+              metadata={"eqdiff_format": str(cio.FORMAT_VERSION)})
+    with pytest.raises(cio.ConceptError, match=r"unknown RRA tensor rra.output.1.0.bogus"):
+        cio.load(path)
+    save_file(tensors, path, metadata={"eqdiff_format": str(cio.FORMAT_VERSION)})
+    loaded = cio.load(path)  # no metadata entry: an empty dict; no kv, rra or reference context
+    assert loaded.metadata == {} and loaded.kv_deltas == {} and loaded.rra == {} and loaded.reference_context is None
