@@ -184,3 +184,35 @@ def test_reference_augmentation_scales_are_the_authors_ranges():
         if r[0] >= 0.66:  # the crop branch keeps the ramp's direction visible
             out, _ = training.augment_reference(ramp, mask, canvas, torch.Generator().manual_seed(seed), flip=True)
             assert (float(out[0, 0, -1] - out[0, 0, 0]) < 0) == (r[3] < 0.5), seed
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"p_low": 0.0, "p_high": 0.0, "p_original": 0.0}, r"p_low, p_high, p_original must be >= 0 and not all 0"),
+    ({"dilate_iterations": -1}, r"dilate_iterations must be >= 0 and dilate_kernel an odd number >= 1, got -1 and 5"),
+    ({"dilate_kernel": 4}, r"got 5 and 4"),
+    ({"dilate_kernel": 0}, r"got 5 and 0"),
+    ({"reference_timestep_offset": -1}, r"reference_timestep_offset must be >= 0, got -1"),
+    ({"ra_loss_weight": -0.1}, r"ra_loss_weight must be >= 0, got -0.1"),
+    ({"cross_attention_loss_weight": -1.0}, r"cross_attention_loss_weight must be >= 0"),
+    ({"prior_loss_weight": -1.0}, r"prior_loss_weight must be >= 0"),
+    ({"weight_decay": -1.0}, r"weight_decay must be >= 0"),
+    ({"max_grad_norm": -1.0}, r"max_grad_norm must be >= 0"),
+    ({"low_cutoff_bins": 0.0}, r"low_cutoff_bins and high_cutoff_bins must be positive"),
+    ({"high_cutoff_bins": -5.0}, r"low_cutoff_bins and high_cutoff_bins must be positive"),
+    ({"resolution": 96}, r"resolution must be a multiple of 64 \(e.g. 512\), got 96"),
+    ({"resolution": 0}, r"resolution must be a multiple of 64"),
+    ({"masked_loss_normalisation": "pixels"}, r"masked_loss_normalisation must be one of mask_area, elements, got 'pixels'"),
+    ({"class_prompt": "a {token} dog"}, r"class_prompt must not contain \{token\} \(it is a plain prompt\)"),
+    ({"inference_reference_prompt": "{token}"}, r"inference_reference_prompt must not contain \{token\}"),
+])
+def test_each_bad_setting_is_refused_by_name(override, message):
+    with pytest.raises(ValueError, match=message):
+        training.settings_for("official", **override)
+
+
+def test_edge_settings_are_accepted():
+    """The bounds themselves are valid: no dilation, a 1-pixel kernel, offset 0, zero weights, 64 px, one branch."""
+    s = training.settings_for("official", dilate_iterations=0, dilate_kernel=1, reference_timestep_offset=0,
+                              ra_loss_weight=0.0, cross_attention_loss_weight=0.0, prior_loss_weight=0.0,
+                              weight_decay=0.0, max_grad_norm=0.0, resolution=64, p_low=0.0, p_high=0.0, p_original=1.0)
+    assert s.to_dict()["resolution"] == 64 and s.to_dict()["dilate_kernel"] == 1
