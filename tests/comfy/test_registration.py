@@ -7,19 +7,44 @@ import sys
 
 from comfy_env import COMFY_DIR, PACK_DIR
 
-NODE_IDS = {"EqDiffFFTSplit", "EqDiffLoadConcept", "EqDiffApplyConcept", "EqDiffRRAPatch",
-            "EqDiffEquilibratedSampler", "EqDiffSampler"}
+# DESIGN.md §2, "Nodes (ids are fixed; inputs may grow)": node id -> display name
+DESIGN_NODES = {
+    "EqDiffFFTSplit": "FFT Split",
+    "EqDiffGroundingLoader": "Grounding Models Loader",
+    "EqDiffGroundedMask": "Grounded Mask",
+    "EqDiffFDTETrainer": "FDTE Trainer",
+    "EqDiffTrainerOptions": "FDTE Trainer Options",
+    "EqDiffSaveConcept": "Save Concept",
+    "EqDiffLoadConcept": "Load Concept",
+    "EqDiffApplyConcept": "Apply Concept",
+    "EqDiffRRAPatch": "Residual Reference Attention Patch",
+    "EqDiffEquilibratedSampler": "Equilibrated Sampler",
+    "EqDiffSampler": "Equilibrated Sampler (SAMPLER)",
+    "EqDiffMetrics": "Customization Metrics",
+}
 
 
-def test_every_node_id_is_registered(registered_nodes):
+def pack_nodes() -> list:
+    """The pack's node classes: the list its V3 entry point hands to ComfyUI (nodes.node_list)."""
+    from comfy_env import pack_module
+
+    return pack_module("nodes").node_list()
+
+
+def test_every_node_is_registered_with_its_design_name_and_category(registered_nodes):
     import nodes
 
-    assert NODE_IDS <= set(registered_nodes)
-    for node_id in NODE_IDS:
-        cls = registered_nodes[node_id]
-        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]
-        schema = cls.GET_SCHEMA()
-        assert schema.node_id == node_id and schema.description and schema.category == "EqDiff"
+    schemas = [cls.GET_SCHEMA() for cls in pack_nodes()]
+    ids = [schema.node_id for schema in schemas]
+    assert len(ids) == len(set(ids)) and set(DESIGN_NODES) <= set(ids)
+    for schema in schemas:
+        node_id = schema.node_id
+        assert node_id.startswith("EqDiff") and registered_nodes[node_id].GET_SCHEMA().node_id == node_id
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == schema.display_name
+        if node_id in DESIGN_NODES:
+            assert schema.display_name == DESIGN_NODES[node_id], node_id
+        assert schema.category == "EqDiff" or schema.category.startswith("EqDiff/"), node_id
+        assert schema.description, f"{node_id} has no description"
         for inp in schema.inputs:
             assert inp.tooltip, f"{node_id}.{inp.id} has no tooltip"
 
