@@ -46,6 +46,36 @@ def test_step_matches_the_vp_ddim_update(eta):
 
 def test_eta_needs_noise_and_last_step_to_zero_is_x0():
     x, d = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
-    with pytest.raises(ValueError, match="eta > 0 needs noise"):
+    with pytest.raises(ValueError, match=r"^eta > 0 needs noise$"):
         sampling.ddim_step(x, d, 1.0, 0.5, eta=0.3)
     assert torch.equal(sampling.ddim_step(x, d, 1.0, 0.0, eta=0.3), d)
+
+
+def test_timesteps_at_the_edges_and_with_a_remainder():
+    """k = T // steps, floored: 1000 // 3 = 333 gives [667, 334, 1]; steps = T takes every timestep."""
+    assert sampling.ddim_timesteps(3) == [667, 334, 1]
+    assert sampling.ddim_timesteps(4, 4) == [4, 3, 2, 1]
+    with pytest.raises(ValueError, match=r"^steps must be between 1 and 4, got 5$"):
+        sampling.ddim_timesteps(5, 4)
+
+
+def test_sigmas_follow_the_tables_length():
+    """A 500-entry sigma table: k = 500 // 5 = 100, timesteps 401, 301, 201, 101, 1, then sigma(0)."""
+    table = torch.linspace(0.01, 10.0, 500, dtype=torch.float64)
+    want = table[[401, 301, 201, 101, 1, 0]].float()
+    assert torch.equal(sampling.ddim_sigmas(table, 5), want)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_step_keeps_float64_precision_for_python_float_sigmas(eta):
+    """Plain Python floats for sigma (as ComfyUI passes them) are read in float64: a float32 rounding
+    of 0.7 would move the result by ~1e-8, far above this tolerance."""
+    rng = np.random.default_rng(1)
+    x0, eps, z = (rng.standard_normal((1, 4, 2, 2)) for _ in range(3))
+    sigma, sigma_next = 0.7, 0.3
+    a, a_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+    s = eta * np.sqrt((1 - a_next) / (1 - a)) * np.sqrt(1 - a / a_next)
+    want = x0 + np.sqrt(1 - a_next - s**2) / np.sqrt(a_next) * eps + s / np.sqrt(a_next) * z
+    got = sampling.ddim_step(torch.tensor(x0 + sigma * eps), torch.tensor(x0), sigma, sigma_next, eta, torch.tensor(z))
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-13)
