@@ -85,10 +85,42 @@ def test_apply_concept_patches_kv_and_token(tiny, tiny_shapes):
     assert_unchanged(model, snap)
 
 
-def test_kv_deltas_change_the_model_output(tiny, applied):
+def unet_weights_as_sampled(model) -> dict:
+    """The UNet weights of a MODEL with its weight patches applied, as ComfyUI's loader applies them
+    before sampling; the shared base weights are restored afterwards."""
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()  # no other patcher's weights on the shared module
+    patcher = model.clone()
+    patcher.patch_model(device_to=torch.device("cpu"), load_weights=True, force_patch_weights=True)
+    try:
+        return {k: v.detach().clone() for k, v in patcher.model.state_dict().items() if k.startswith("diffusion_model.")}
+    finally:
+        patcher.unpatch_model(device_to=torch.device("cpu"))
+
+
+def test_applied_weights_are_base_plus_strength_times_the_files_deltas(tiny, tiny_shapes, tmp_path):
+    """Expected: W + strength * delta, with W the checkpoint's weight and delta the file's ``kv.<key>``
+    tensor read with safetensors itself (the format of eqdiff_core/concept.py); every other weight as is."""
+    from safetensors.torch import load_file
+
+    from eqdiff_core import concept as concept_io
+
     model, clip, _ = tiny
-    base = sample(model, clip, prompt="a dog")
-    assert not torch.equal(sample(applied[0], clip, prompt="a dog"), base)
+    path = concept_io.save(random_concept(*tiny_shapes, gate=None, seed=7), str(tmp_path / "c.safetensors"))
+    deltas = {k.removeprefix("kv."): v for k, v in load_file(path).items() if k.startswith("kv.")}
+    assert deltas and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in deltas)
+    base = unet_weights_as_sampled(model)
+    for strength in (1.0, 0.35, 0.0):
+        m, _, _ = run("EqDiffApplyConcept", model=model, clip=clip, concept=concept_io.load(path),
+                      strength=strength, token="")
+        patched = unet_weights_as_sampled(m)
+        assert set(patched) == set(base)
+        for key, weight in base.items():
+            want = weight + strength * deltas[key].to(weight.dtype) if key in deltas else weight
+            assert torch.allclose(patched[key], want, atol=1e-6, rtol=0), (strength, key)
+    # strength 0: the image of the base model, bit for bit
+    assert torch.equal(sample(m, clip, prompt="a dog"), sample(model, clip, prompt="a dog"))
 
 
 def test_concept_for_another_model_shape_is_rejected(tiny, tiny_shapes):
@@ -100,12 +132,6 @@ def test_concept_for_another_model_shape_is_rejected(tiny, tiny_shapes):
     narrow = random_concept(kv, dims, token_dim=512)
     with pytest.raises(ValueError, match="512-d token embeddings"):
         run("EqDiffApplyConcept", model=model, clip=clip, concept=narrow, strength=1.0, token="")
-
-
-def test_zero_initialised_rra_is_an_exact_identity(applied):
-    m, c, vae, concept = applied
-    patched = rra_patch(m, concept, vae)
-    assert torch.equal(sample(patched, c, batch=2), sample(m, c, batch=2))
 
 
 def test_closed_gate_through_the_attention_path_is_an_exact_identity(applied, tiny_shapes):
@@ -191,14 +217,55 @@ def test_cache_recomputes_for_other_weights_reference_or_schedule(gated, tiny_sh
     assert not torch.equal(sample(other_ref, c, steps=3), sample(patched, c, steps=3))
 
 
-def test_rows_cond_only_and_window(gated):
+def branch_predictions(model, clip, steps=3):
+    """Per step, the conditional and unconditional denoised predictions (a post-CFG hook)."""
+    seen = []
+
+    def record(args):
+        seen.append((args["cond_denoised"].clone(), args["uncond_denoised"].clone()))
+        return args["denoised"]
+
+    hooked = model.clone()
+    hooked.set_model_sampler_post_cfg_function(record)
+    sample(hooked, clip, steps=steps)
+    return seen
+
+
+def test_rows_cond_gives_rra_to_the_conditional_rows_only(gated):
+    """At the first step (the same input latent for all three runs): rows="cond" has the conditional
+    prediction of full RRA and the unconditional prediction of the unpatched model (to the float
+    rounding of another batch shape)."""
     m, c, vae, concept = gated
-    full = sample(rra_patch(m, concept, vae, cache=False), c)
-    cond_only = sample(rra_patch(m, concept, vae, rows="cond", cache=False), c)
-    off = sample(rra_patch(m, concept, vae, start_percent=1.0, end_percent=1.0, cache=False), c)
-    assert not torch.equal(full, cond_only)
-    assert torch.equal(off, sample(m, c))
-    assert torch.equal(sample(rra_patch(m, concept, vae, strength=0.0, cache=False), c), sample(m, c))
+    full = branch_predictions(rra_patch(m, concept, vae, cache=False), c)[0]
+    cond_only = branch_predictions(rra_patch(m, concept, vae, rows="cond", cache=False), c)[0]
+    plain = branch_predictions(m, c)[0]
+    for branch in (0, 1):  # RRA moves both branches when both get it
+        assert (full[branch] - plain[branch]).abs().max() > 1e-2
+    assert torch.allclose(cond_only[0], full[0], atol=1e-4, rtol=0)
+    assert torch.allclose(cond_only[1], plain[1], atol=1e-4, rtol=0)
+
+
+def test_window_runs_rra_at_the_steps_whose_sigma_lies_in_it(gated):
+    """Expected by hand: the steps whose sigma lies in [sigma(end_percent), sigma(start_percent)],
+    with ComfyUI's own percent -> sigma map and the sampler's DDIM sigmas."""
+    from comfy_env import pack_module
+
+    m, c, vae, concept = gated
+    steps = 4
+    sigmas = pack_module("nodes.comfyui.sampling").ddim_schedule(m, steps)[:-1].tolist()
+    ms = m.get_model_object("model_sampling")
+    plain = sample(m, c, steps=steps)
+    counts = {}
+    for start, end in ((0.0, 0.5), (0.5, 1.0), (1.0, 1.0)):
+        patched = rra_patch(m, concept, vae, start_percent=start, end_percent=end, cache=False)
+        out = sample(patched, c, steps=steps)
+        high, low = float(ms.percent_to_sigma(start)), float(ms.percent_to_sigma(end))
+        counts[start, end] = sum(low <= s <= high for s in sigmas)
+        assert last_run(patched).reference_passes == counts[start, end], (start, end)
+        assert torch.equal(out, plain) == (counts[start, end] == 0), (start, end)
+    # the two halves split the steps between them; strength 0 is held by tests/e2e/test_method_effects.py
+    assert counts[0.0, 0.5] > 0 and counts[0.5, 1.0] > 0 and counts[0.0, 0.5] + counts[0.5, 1.0] == steps
+    assert counts[1.0, 1.0] == 0
 
 
 def test_noised_reference_is_seeded(gated):

@@ -397,3 +397,40 @@ def test_the_trainable_copy_holds_the_weights_the_model_computes_with(tiny, pack
     finally:
         patched.unpatch_model()
         comfy.model_management.unload_all_models()
+
+
+def test_save_every_keep_training_state_and_resume_without_it(registered_nodes, tiny):
+    """save_every: an autosave after every k-th step but the last, with the state of that step;
+    Save Concept keeps the optimiser state only when asked; a concept without it resumes from its
+    tensors with fresh moments at step 0 (a new run from there: its history goes on after the old)."""
+    import folder_paths
+    from safetensors.torch import load_file
+
+    from eqdiff_core import concept as concept_io
+
+    folder = folder_paths.get_folder_paths("eqdiff")[0]
+    autosave = os.path.join(folder, "unit.autosave.safetensors")
+    if os.path.exists(autosave):
+        os.remove(autosave)
+    saved_paths = []
+    try:
+        final = run_trainer(registered_nodes, tiny, steps=3, save_every=2)[0]
+        auto = concept_io.load(autosave)
+        assert auto.metadata["training_step"] == 2 and auto.training_state
+        assert auto.metadata["loss_history"] == pytest.approx(final.metadata["loss_history"][:2], rel=1e-6)
+        save = registered_nodes["EqDiffSaveConcept"]
+        for keep in (True, False):
+            name = save.execute(final, f"unit_keep_{keep}", False, False, keep).args[0]
+            saved_paths.append(os.path.join(folder, name))
+            keys = load_file(saved_paths[-1]).keys()
+            assert any(k.startswith("train.") for k in keys) == keep, keep
+        cold = concept_io.load(saved_paths[-1])
+        resumed = run_trainer(registered_nodes, tiny, steps=2, resume_from=cold)[0]
+        history = resumed.metadata["loss_history"]
+        assert resumed.metadata["training_step"] == 2 and len(history) == 5
+        assert history[:3] == pytest.approx(final.metadata["loss_history"], rel=1e-6)
+        assert history[3] != pytest.approx(final.metadata["loss_history"][0], rel=1e-4)  # other parameters
+    finally:
+        for path in [autosave, *saved_paths]:
+            if os.path.exists(path):
+                os.remove(path)
