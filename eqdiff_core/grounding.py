@@ -506,26 +506,37 @@ def tokenize_phrases(tokenizer, phrases: list[str], max_len: int = 256) -> tuple
 
 
 # -- detection -----------------------------------------------------------------------------------
+def detect_shape(height: int, width: int, size: int, max_size: int = 1333) -> tuple[int, int]:
+    """GroundingDINO's resize rule (its datasets/transforms.py, ``get_size_with_aspect_ratio``):
+    the shorter side becomes ``size``, lowered so that the longer side stays near ``max_size``, and
+    the longer side is truncated, not rounded. Returns (h, w)."""
+    short, long = min(height, width), max(height, width)
+    if long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if short == size:
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
 def dino_inputs(image: torch.Tensor, size: int, max_size: int = 1333) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> GroundingDINO's input: shorter side ``size`` (longer at most
-    ``max_size``), ImageNet-normalised."""
-    h, w = image.shape[-2:]
-    scale = min(size / min(h, w), max_size / max(h, w))
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    x = F.interpolate(image.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    """(B, 3, H, W) in [0, 1] -> GroundingDINO's input: resized by ``detect_shape``, ImageNet-normalised."""
+    x = F.interpolate(image.float(), size=detect_shape(*image.shape[-2:], size, max_size), mode="bilinear",
+                      align_corners=False, antialias=True)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 def fit_detect_size(size: int, height: int, width: int, num_queries: int, max_size: int = 1333) -> int:
-    """The smallest shorter side >= ``size`` at which the image yields at least ``num_queries``
-    feature tokens (strides 8, 16, 32, 64): GroundingDINO picks its queries among them."""
+    """The smallest shorter side >= ``size`` (in steps of 32) at which the image yields at least
+    ``num_queries`` feature tokens (strides 8, 16, 32, 64): GroundingDINO picks its queries among
+    them. Growth stops where the longer side reaches ``max_size``."""
     while True:
-        scale = min(size / min(height, width), max_size / max(height, width))
-        h, w = max(1, round(height * scale)), max(1, round(width * scale))
+        h, w = detect_shape(height, width, size, max_size)
         tokens = sum(math.ceil(h / s) * math.ceil(w / s) for s in (8, 16, 32, 64))
-        if tokens >= num_queries or scale * max(height, width) >= max_size:
+        if tokens >= num_queries or max(height, width) / min(height, width) * size > max_size:
             return size
         size += 32
 
@@ -579,16 +590,28 @@ def select_boxes(probs: torch.Tensor, boxes: torch.Tensor, token_phrase: torch.T
 
 
 # -- segmentation --------------------------------------------------------------------------------
-def sam_inputs(image: torch.Tensor, size: int = 1024) -> tuple[torch.Tensor, float]:
-    """(B, 3, H, W) in [0, 1] -> SAM's input (B, 3, size, size): longer side resized to ``size``,
-    normalised, zero-padded right and bottom; and the scale applied."""
-    h, w = image.shape[-2:]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+def sam_shape(height: int, width: int, size: int = 1024) -> tuple[int, int]:
+    """SAM's resize (ResizeLongestSide.get_preprocess_shape): the longer side ``size``, halves rounded up."""
+    scale = size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def sam_inputs(image: torch.Tensor, size: int = 1024) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> SAM's input (B, 3, size, size): resized by ``sam_shape``,
+    normalised, zero-padded right and bottom."""
+    nh, nw = sam_shape(*image.shape[-2:], size)
     x = F.interpolate(image.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(SAM_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(SAM_STD, device=x.device).view(1, 3, 1, 1)
-    return F.pad((x - mean) / std, (0, size - nw, 0, size - nh)), scale
+    return F.pad((x - mean) / std, (0, size - nw, 0, size - nh))
+
+
+def sam_boxes(boxes: torch.Tensor, height: int, width: int, size: int = 1024) -> torch.Tensor:
+    """Boxes (N, 4) x0, y0, x1, y1 in image pixels -> SAM input pixels, each axis by its own factor
+    (ResizeLongestSide.apply_boxes_torch)."""
+    nh, nw = sam_shape(height, width, size)
+    return boxes * torch.tensor([nw / width, nh / height, nw / width, nh / height], device=boxes.device,
+                                dtype=boxes.dtype)
 
 
 @torch.no_grad()
@@ -608,11 +631,12 @@ def sam_decode(sam: Sam, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple
     return out.pred_masks[0, :, 0].float(), out.iou_scores[0, :, 0].float()
 
 
-def masks_to_image(low_res: torch.Tensor, scale: float, height: int, width: int, size: int = 1024) -> torch.Tensor:
-    """SAM logits (N, 256, 256) -> boolean masks (N, height, width) of the original image."""
+def masks_to_image(low_res: torch.Tensor, height: int, width: int, size: int = 1024) -> torch.Tensor:
+    """SAM logits (N, 256, 256) -> boolean masks (N, height, width) of the original image
+    (Sam.postprocess_masks, then logits > 0)."""
+    nh, nw = sam_shape(height, width, size)
     x = F.interpolate(low_res[:, None], size=(size, size), mode="bilinear", align_corners=False)
-    x = x[..., : max(1, round(height * scale)), : max(1, round(width * scale))]
-    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)[:, 0] > 0.0
+    return F.interpolate(x[..., :nh, :nw], size=(height, width), mode="bilinear", align_corners=False)[:, 0] > 0.0
 
 
 def segment(sam: Sam, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -620,9 +644,8 @@ def segment(sam: Sam, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     h, w = image.shape[-2:]
     if boxes.shape[0] == 0:
         return torch.zeros(h, w, dtype=torch.bool, device=image.device)
-    pixels, scale = sam_inputs(image[None])
-    low_res, _ = sam_decode(sam, sam_embeddings(sam, pixels), boxes * scale)
-    return masks_to_image(low_res, scale, h, w).to(image.device).any(dim=0)
+    low_res, _ = sam_decode(sam, sam_embeddings(sam, sam_inputs(image[None])), sam_boxes(boxes, h, w))
+    return masks_to_image(low_res, h, w).to(image.device).any(dim=0)
 
 
 # -- mask refinement and preview -----------------------------------------------------------------

@@ -94,3 +94,90 @@ def test_detect_size_grows_until_there_are_enough_tokens_for_the_queries():
 
     assert size > 128 and tokens(size) >= 900 > tokens(size - 32)
     assert g.fit_detect_size(128, 100, 2000, 10**9) <= 128 + 32 * 100  # stops at the 1333 px cap
+
+
+def test_detect_size_stops_growing_at_the_1333_px_cap():
+    """A 600 x 1000 image reaches the long-side cap when size * 1000 / 600 >= 1333, at 799.8 px:
+    from 128 in steps of 32 that is 800 (128 + 21 * 32), however many queries are asked for."""
+    assert g.fit_detect_size(128, 600, 1000, 10**9) == 800
+    assert g.fit_detect_size(128, 1000, 600, 10**9) == 800
+
+
+# -- input preparation, box scaling and mask assembly against the original libraries ------------------
+def photo(h, w, seed=0):
+    """A smooth uint8 photo (H, W, 3), so 8-bit resizing differs from float resizing by rounding only."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 6, 6, generator=gen)
+    smooth = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    return (smooth.clamp(0, 1)[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("h, w, size", [(96, 128, 128), (480, 640, 800), (100, 2000, 800), (333, 250, 160)])
+def test_detection_input_is_groundingdinos_transform(h, w, size):
+    """Grounded-SAM prepares an image with GroundingDINO's own transforms: RandomResize([size],
+    max_size=1333) (shorter side ``size``, longer side at most 1333), ToTensor, ImageNet Normalize."""
+    import groundingdino.datasets.transforms as T
+    from PIL import Image
+
+    pixels = photo(h, w)
+    original = T.Compose([T.RandomResize([size], max_size=1333), T.ToTensor(),
+                          T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    want, _ = original(Image.fromarray(pixels), None)
+    ours = g.dino_inputs(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, size)[0]
+    assert ours.shape == want.shape
+    diff = (ours - want).abs()
+    assert diff.max() < 3.0 / 255 / 0.224 and diff.mean() < 0.5 / 255 / 0.224  # PIL's 8-bit rounding
+
+
+@pytest.mark.parametrize("h, w", [(96, 128), (100, 130), (300, 177)])
+def test_segmentation_input_boxes_and_masks_are_sams(h, w):
+    """SAM's predictor: ResizeLongestSide(1024) for the image and the boxes, Sam.preprocess
+    (normalise, pad right and bottom), Sam.postprocess_masks then logits > 0 for the masks."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from segment_anything.modeling import Sam
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    pixels = photo(h, w, seed=1)
+    resize = ResizeLongestSide(1024)
+    sam = SimpleNamespace(pixel_mean=torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1),
+                          pixel_std=torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1),
+                          image_encoder=SimpleNamespace(img_size=1024))
+    resized = torch.from_numpy(resize.apply_image(pixels)).permute(2, 0, 1).float()
+    want = Sam.preprocess(sam, resized)
+    ours = g.sam_inputs(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)
+    assert ours.shape == (1, 3, 1024, 1024)
+    inside = (slice(None), slice(0, resized.shape[1]), slice(0, resized.shape[2]))
+    diff = (ours[0] - want)[inside].abs()
+    assert diff.max() < 3.0 / 57.12 and diff.mean() < 0.5 / 57.12  # PIL's 8-bit rounding, in SAM's std units
+    assert torch.equal(ours[0, :, resized.shape[1]:], want[:, resized.shape[1]:])  # the padding
+    assert torch.equal(ours[0, :, :, resized.shape[2]:], want[:, :, resized.shape[2]:])
+    boxes = torch.tensor([[3.0, 5.0, w - 7.0, h - 2.0], [0.0, 0.0, w / 2, h / 3]])
+    assert torch.allclose(g.sam_boxes(boxes, h, w), resize.apply_boxes_torch(boxes, (h, w)))
+    logits = torch.randn(2, 1, 256, 256, generator=torch.Generator().manual_seed(2))
+    input_size = resize.get_preprocess_shape(h, w, 1024)
+    reference = Sam.postprocess_masks(sam, logits, input_size, (h, w))[:, 0] > 0.0
+    assert torch.equal(g.masks_to_image(logits[:, 0], h, w), reference)
+
+
+def test_pixel_boxes_are_groundingdinos_cxcywh_to_xyxy_scaled():
+    """Grounded-SAM: boxes * [W, H, W, H], centre-size to corners (groundingdino.util.box_ops)."""
+    from groundingdino.util.box_ops import box_cxcywh_to_xyxy
+
+    boxes = torch.tensor([[0.5, 0.4, 0.2, 0.3], [0.3, 0.6, 0.4, 0.5], [0.7, 0.2, 0.1, 0.2]])
+    probs = torch.tensor([[0.0, 0.9, 0.0], [0.0, 0.8, 0.0], [0.0, 0.7, 0.0]])
+    det = g.select_boxes(probs, boxes, torch.tensor([-1, 0, -1]), 90, 160, 0.3, 0.25, best_only=False)
+    assert torch.allclose(det.boxes, box_cxcywh_to_xyxy(boxes) * torch.tensor([160, 90, 160, 90]))
+
+
+def test_feather_is_a_gaussian_of_sigma_feather():
+    """scipy.ndimage.gaussian_filter with the same truncation (3 sigma) and replicated borders."""
+    from scipy.ndimage import gaussian_filter
+
+    mask = torch.zeros(1, 40, 50)
+    mask[0, 10:25, 12:30] = 1.0
+    mask[0, 0, 45] = 1.0  # at the border
+    for sigma in (1.0, 2.0, 3.5):
+        want = gaussian_filter(mask[0].double().numpy(), sigma, truncate=3.0, mode="nearest")
+        assert np.allclose(g.refine_mask(mask, 0, sigma)[0].numpy(), want, atol=1e-6), sigma
