@@ -1,0 +1,125 @@
+"""The JSON report of a mutation run (scripts/mutation.sh): per module of eqdiff_core/ the mutants
+killed, survived, reached by no test and timed out, the score, the date, the tool version, and every
+mutant that was not killed with its diff, marked equivalent where the equivalence list says why.
+
+Run from the repository root with the mutation venv's Python (it reads mutmut's results in mutants/).
+Score: (killed + timeout) / (mutants - equivalent). A timeout is a mutant that made the tests run
+far longer than without it (mutmut's limit: 15 x the tests' time + 1 s): a detected change.
+An entry of the equivalence list applies only while the mutant's changed lines are still the ones
+it names (``mutated``), so a stale entry shows up as a plain survivor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mutmut
+from mutmut.mutation.data import SourceFileMutationData
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+from mutmut.stats import status_by_exit_code
+
+DETECTED = ("killed", "timeout")
+
+
+def changed_lines(diff: str) -> list[str]:
+    """The mutant's lines of a unified diff, stripped (without the +++ header)."""
+    return [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+
+
+def module_results(path: Path, equivalent: dict) -> tuple[dict, list[dict]]:
+    data = SourceFileMutationData(path=path)
+    data.load()
+    counts = Counter(status_by_exit_code[code] for code in data.exit_code_by_key.values())
+    listed = []
+    for name, code in sorted(data.exit_code_by_key.items()):
+        status = status_by_exit_code[code]
+        if status in DETECTED or status == "not checked":
+            continue
+        diff = get_diff_for_mutant(name, path=path)
+        entry = {"mutant": name, "status": status, "diff": diff}
+        known = equivalent.get(name)
+        if known and known["mutated"] == changed_lines(diff):
+            entry["equivalent"] = known["reason"]
+        listed.append(entry)
+    total = sum(counts.values())
+    n_equivalent = sum("equivalent" in e for e in listed)
+    detected = sum(counts[s] for s in DETECTED)
+    summary = {
+        "mutants": total, "killed": counts["killed"], "timeout": counts["timeout"],
+        "survived": counts["survived"], "no_tests": counts["no tests"],
+        "other": {s: n for s, n in counts.items() if s not in ("killed", "timeout", "survived", "no tests")},
+        "equivalent": n_equivalent,
+        "score": round(detected / (total - n_equivalent), 4) if total > n_equivalent else None,
+    }
+    return summary, listed
+
+
+def unchecked(modules: list[str]) -> list[str]:
+    """The mutants of these modules (eqdiff_core/<module>.py) that have no result yet."""
+    names = []
+    for module in modules:
+        data = SourceFileMutationData(path=Path("eqdiff_core") / f"{module}.py")
+        data.load()
+        names += [name for name, code in data.exit_code_by_key.items() if code is None]
+    return sorted(names)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--unchecked", nargs="+", metavar="MODULE",
+                        help="only print the names of these modules' mutants without a result, one a line")
+    parser.add_argument("--out")
+    parser.add_argument("--equivalent", help="JSON: mutant name -> {mutated: [lines], reason}")
+    parser.add_argument("--mutmut-version")
+    args = parser.parse_args()
+    if args.unchecked:
+        print("\n".join(unchecked(args.unchecked)))
+        return
+    if mutmut.__version__ != args.mutmut_version:
+        raise SystemExit(f"mutmut {mutmut.__version__} is installed, the script pins {args.mutmut_version}")
+    equivalent = json.loads(Path(args.equivalent).read_text())
+    modules, not_killed = {}, []
+    for path in sorted(Path("eqdiff_core").glob("*.py")):
+        if (Path("mutants") / (str(path) + ".meta")).exists():
+            summary, listed = module_results(path, equivalent)
+            if summary["mutants"] > summary["other"].get("not checked", 0):  # a module that was run
+                modules[str(path)] = summary
+                not_killed += listed
+    totals = Counter()
+    for summary in modules.values():
+        totals.update({k: v for k, v in summary.items() if isinstance(v, int)})
+    detected = totals["killed"] + totals["timeout"]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "eqdiff_core", "tests/unit"],
+                                capture_output=True, text=True).stdout.strip())
+    report = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tool": f"mutmut {mutmut.__version__}",
+        "tests": "tests/unit (the tests that reach each mutated function)",
+        "commit": commit + ("+uncommitted changes in eqdiff_core/ or tests/unit/" if dirty else ""),
+        "score_definition": "(killed + timeout) / (mutants - equivalent)",
+        "total": {**{k: totals[k] for k in ("mutants", "killed", "timeout", "survived", "no_tests", "equivalent")},
+                  "score": round(detected / (totals["mutants"] - totals["equivalent"]), 4)
+                  if totals["mutants"] > totals["equivalent"] else None},
+        "modules": modules,
+        "not_killed": not_killed,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    t = report["total"]
+    print(f"[mutation] {t['mutants']} mutants: {t['killed']} killed, {t['timeout']} timeout, {t['survived']} "
+          f"survived ({t['equivalent']} equivalent), {t['no_tests']} reached by no test; score {t['score']}")
+    print(f"[mutation] report: {out}")
+
+
+if __name__ == "__main__":
+    main()
