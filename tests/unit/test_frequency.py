@@ -147,13 +147,18 @@ def test_band_preview_stretches_to_three_standard_deviations():
     ],
 )
 def test_invalid_settings_raise_clear_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="^" + message):  # anchored: the message is what the user reads
         fq.frequency_split(random_images(1, 3, 8, 8), **kwargs)
 
 
-def test_wrong_layout_is_rejected():
-    with pytest.raises(ValueError, match=r"images must be \(B, C, H, W\)"):
+def test_wrong_layout_and_sizes_are_rejected():
+    with pytest.raises(ValueError, match=r"^images must be \(B, C, H, W\)"):
         fq.frequency_split(torch.zeros(8, 8, 3), 0.2)
+    with pytest.raises(ValueError, match=r"^size must be positive, got 0$"):
+        fq.bins_to_cutoff(50, 0)
+    with pytest.raises(ValueError, match=r"^image size must be at least 1x1, got 0x4$"):
+        fq.frequency_radius(0, 4)
+    assert fq.bins_to_cutoff(50, 512) == 50 / 256 and fq.bins_to_cutoff(5) == 5 / 256
 
 
 @pytest.mark.cuda
