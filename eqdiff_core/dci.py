@@ -96,6 +96,14 @@ def guided_noise(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float)
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
+def auxiliary_denoised(x_aux: torch.Tensor, denoised_aux: torch.Tensor, eps_uncond: torch.Tensor, sigma: float,
+                       scale: float) -> torch.Tensor:
+    """The auxiliary branch's guided prediction of x_0, for samplers that work with x_0 (as ComfyUI's):
+    x_a - sigma e_a with e_a = e_u + s (eps_aux - e_u) and eps_aux = (x_a - x0_aux) / sigma (code
+    ``p_sample_ddim``: ``e_t_ldm = e_t_uncond + scale * (e_t_ldm - e_t_uncond)``). (B, C, H, W)."""
+    return x_aux - sigma * guided_noise(eps_uncond, (x_aux - denoised_aux) / sigma, scale)
+
+
 def dci_step(x_concept: torch.Tensor, x_aux: torch.Tensor, eps_uncond: torch.Tensor, eps_concept: torch.Tensor,
              eps_aux: torch.Tensor, sigma: float, sigma_next: float, scale: float,
              eps_uncond_aux: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

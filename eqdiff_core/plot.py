@@ -1,4 +1,4 @@
-"""A loss curve as an image tensor (no plotting library needed)."""
+"""Plots as image tensors (no plotting library needed): a loss curve, a grid of labelled maps."""
 
 from __future__ import annotations
 
@@ -37,4 +37,28 @@ def loss_curve(history: list[float], width: int = 640, height: int = 320, smooth
     draw.text((left, bottom + 8), "step 1", fill=(0, 0, 0))
     draw.text((right - 70, bottom + 8), f"step {values.size}", fill=(0, 0, 0))
     draw.text((left + 8, 4), f"loss (last {running[-1]:.4g}, mean of {kernel})", fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+
+
+def map_grid(maps: list[tuple[str, torch.Tensor]], title: str, cell: int = 160, columns: int = 4) -> torch.Tensor:
+    """Maps with values in [0, 1] (each (h, w), grey: 0 black, 1 white), upscaled to ``cell`` pixels (nearest)
+    and laid out in rows of ``columns``, each with its label under it, under a title; returns
+    (height, width, 3) float in [0, 1]."""
+    from PIL import Image, ImageDraw
+
+    label_height, title_height, pad = 16, 22, 8
+    rows = max(1, -(-len(maps) // columns))
+    width = pad + columns * (cell + pad)
+    height = title_height + rows * (cell + label_height + pad) + pad
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, 4), title, fill=(0, 0, 0))
+    for i, (label, values) in enumerate(maps):
+        grey = (values.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        tile = Image.fromarray(grey, "L").resize((cell, cell), Image.NEAREST).convert("RGB")
+        x = pad + (i % columns) * (cell + pad)
+        y = title_height + (i // columns) * (cell + label_height + pad)
+        img.paste(tile, (x, y))
+        draw.rectangle([x - 1, y - 1, x + cell, y + cell], outline=(160, 160, 160))
+        draw.text((x, y + cell + 2), label, fill=(0, 0, 0))
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
