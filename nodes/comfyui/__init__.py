@@ -10,6 +10,7 @@
     attention    attention patches and the reference pass of Residual Reference Attention
     sampling     the DDIM sampler and single model evaluations through ComfyUI's sampler
     training     the training backend: private trainable copies of the UNet and the text encoder
+    guiders      the DCI guider: a CFGGuider with an auxiliary branch, its attn2 replace and wrapper
 
 Node modules import from here and from eqdiff_core only. tests/comfy/test_contracts.py pins the
 shape of each private interface used here, so a ComfyUI release that changes one fails a named test.

@@ -288,11 +288,14 @@ class ReferenceAttention:
                             dtype=torch.long)
 
     def _target_rows(self, batch: int, transformer_options) -> torch.Tensor | None:
-        if self.settings.rows == "cond_uncond":
-            return None
+        """The rows RRA acts on: the cond (and uncond) chunks; never the chunks of further conditions, such
+        as the DCI Guider's auxiliary branch (cond_or_uncond 2 and 3), which has no concept tokens."""
         chunks = transformer_options.get("cond_or_uncond", [COND])
+        wanted = (COND, UNCOND) if self.settings.rows == "cond_uncond" else (COND,)
+        if self.settings.rows == "cond_uncond" and all(c in wanted for c in chunks):
+            return None
         per_chunk = batch // max(len(chunks), 1)
-        rows = [i * per_chunk + j for i, c in enumerate(chunks) if c == COND for j in range(per_chunk)]
+        rows = [i * per_chunk + j for i, c in enumerate(chunks) if c in wanted for j in range(per_chunk)]
         return torch.tensor(rows, dtype=torch.long)
 
     @staticmethod

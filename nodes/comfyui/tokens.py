@@ -113,6 +113,19 @@ def prompt_tokens(clip, prompt: str, embeddings: dict[str, torch.Tensor]) -> lis
     return [[token for token, *_ in row] for row in rows]
 
 
+def real_tokens(clip, text: str) -> list:
+    """The tokens of ``text`` between BOS and EOS as CLIP Text Encode sees them: int ids, and embedding
+    tensors where a concept token or ``embedding:`` is. ValueError when the text needs more than one
+    77-token row."""
+    inner = _sd_tokenizer(clip.tokenizer)
+    rows = clip.tokenize(text)[clip.tokenizer.clip_name]
+    if len(rows) != 1:
+        raise ValueError(f"'{text}' is longer than one CLIP row (75 tokens); shorten it")
+    row = [token for token, *_ in rows[0]]
+    end = next(i for i, t in enumerate(row) if i > 0 and not torch.is_tensor(t) and t == inner.end_token)
+    return row[1:end]
+
+
 def encode(clip, prompt: str) -> torch.Tensor:
     """The text context (1, T, D) of a plain prompt."""
     return clip.encode_from_tokens(clip.tokenize(prompt))

@@ -354,6 +354,101 @@ def test_training_contract(tiny):
             "training.py (TrainingBackend.instance_context)")
 
 
+# -- guiders ---------------------------------------------------------------------------------------
+def test_guiders_contract(tiny):
+    """The DCI guider: a CFGGuider subclass whose predict_noise sends [positive, negative, auxiliary] through
+    calc_cond_batch in one UNet call with cond_or_uncond = each chunk's index in that list; its options reach
+    predict_noise; cfg_function, model_sampling.timestep and KSAMPLER's first noise as guiders.py uses them;
+    attn2 replaces looked up by (block, number, index), then (block, number)."""
+    import comfy.patcher_extension
+    import comfy.samplers
+    from comfy.ldm.modules import attention as comfy_attention
+
+    import nodes
+
+    cfg_guider = comfy.samplers.CFGGuider
+    for name in ("inner_set_conds", "set_cfg", "sample", "predict_noise"):
+        require(hasattr(cfg_guider, name), f"CFGGuider.{name} is gone", "guiders.py (DCIGuider)")
+    require(accepts(cfg_guider.predict_noise, "x", "timestep", "model_options", "seed"),
+            "CFGGuider.predict_noise(x, timestep, model_options, seed) changed", "guiders.py (DCIGuider)")
+    require(accepts(comfy.samplers.calc_cond_batch, "model", "conds", "x_in", "timestep", "model_options"),
+            "calc_cond_batch(model, conds, x_in, timestep, model_options) changed", "guiders.py (predict_noise)")
+    require(accepts(comfy.samplers.cfg_function, "model", "cond_pred", "uncond_pred", "cond_scale", "x", "timestep",
+                    "model_options", "cond", "uncond"), "cfg_function's parameters changed", "guiders.py")
+
+    model, clip, _ = tiny
+    seen = {"chunks": [], "options": [], "replace": []}
+
+    def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        seen["chunks"].append((list(transformer_options["cond_or_uncond"]), x.shape[0]))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+    def replace(name):
+        def attn2(q, k, v, extra_options):
+            seen["replace"].append((name, tuple(extra_options["block"]), extra_options["block_index"]))
+            return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"])
+        return attn2
+
+    class ThreeConds(cfg_guider):
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            seen["options"].append(model_options["transformer_options"].get("contract_run"))
+            out = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"], self.conds["negative"],
+                                                                    self.conds["auxiliary"]], x, timestep,
+                                                 model_options)
+            seen["outputs"] = len(out)
+            return comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
+                                               model_options=model_options, cond=self.conds["positive"],
+                                               uncond=self.conds["negative"])
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "contract", apply_model)
+    patched.set_model_attn2_replace(replace("three"), "output", 3, 0)
+    patched.set_model_attn2_replace(replace("two"), "middle", 0)
+    guider = ThreeConds(patched)
+    guider.model_options["transformer_options"]["contract_run"] = "run"
+    with torch.inference_mode():
+        cond, uncond = (nodes.CLIPTextEncode().encode(clip, text)[0] for text in ("a dog", ""))
+        guider.inner_set_conds({"positive": cond, "negative": uncond, "auxiliary": cond})
+        guider.set_cfg(2.0)
+        sampler = comfy.samplers.KSAMPLER(lambda model_fn, x, sigmas, extra_args=None, callback=None, disable=None:
+                                          model_fn(x, sigmas[0] * x.new_ones([x.shape[0]]), **extra_args))
+        guider.sample(torch.randn(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), sampler, torch.tensor([1.0, 0.0]),
+                      disable_pbar=True, seed=0)
+    require(seen["options"] == ["run"], "options set on CFGGuider.model_options before sample() no longer reach "
+            "predict_noise's model_options['transformer_options']", "guiders.py (DCIGuider.sample)")
+    require(seen.get("outputs") == 3 and len(seen["chunks"]) == 1 and sorted(seen["chunks"][0][0]) == [0, 1, 2]
+            and seen["chunks"][0][1] == 3, f"calc_cond_batch no longer evaluates three whole-image conditions in "
+            f"one call tagged with their list indices (calls: {seen['chunks']})", "guiders.py (_apply_model, "
+            "IntegrationAttention)")
+    require({(n, b) for n, b, _ in seen["replace"]} == {("three", ("output", 3)), ("two", ("middle", 0))},
+            "attn2 replaces are no longer looked up by (block, number, index), then (block, number)",
+            "guiders.py (dci_guider chains them)")
+
+    ms = model.get_model_object("model_sampling")
+    require(int(ms.timestep(ms.sigmas[700:701])) == 700, "model_sampling.timestep(sigma) no longer gives the "
+            "DDPM timestep of a training sigma", "guiders.py (the DCI window)")
+    guiders = __import__("comfy_env").pack_module("nodes.comfyui.guiders")
+    noise = torch.randn(1, 4, 8, 8)
+    wrap = type("Wrap", (), {"inner_model": model.model})()
+    for sigma in (float(ms.sigma_max), float(ms.sigmas[500])):
+        max_denoise = comfy.samplers.KSAMPLER(None).max_denoise(wrap, torch.tensor([sigma, 0.0]))
+        expected = ms.noise_scaling(torch.tensor([sigma]), noise, torch.zeros_like(noise), max_denoise)
+        require(torch.allclose(guiders.noise_scaling(sigma, noise, float(ms.sigma_max)), expected),
+                "KSAMPLER's first noise (noise_scaling with max_denoise) changed", "guiders.py (noise_scaling)")
+
+
+def test_tokens_real_tokens_contract(tiny):
+    """tokens.real_tokens: CLIP.tokenize(text)[clip_name] is a list of 77-token rows starting with the start
+    token and ending at the tokenizer's end_token."""
+    _, clip, _ = tiny
+    inner = getattr(clip.tokenizer, clip.tokenizer.clip)
+    rows = clip.tokenize("a photo of a dog")[clip.tokenizer.clip_name]
+    ids = [t for t, *_ in rows[0]]
+    require(len(rows) == 1 and len(ids) == 77 and ids[0] == inner.start_token and ids[6] == inner.end_token,
+            f"CLIP.tokenize no longer gives [start, 5 tokens, end, padding] for 'a photo of a dog' (got {ids[:8]})",
+            "tokens.py (real_tokens)")
+
+
 def test_every_boundary_module_has_a_contract_test():
     from comfy_env import REPO
 

@@ -1,0 +1,214 @@
+"""DCI Guider on the tiny checkpoint, in-process, through SamplerCustomAdvanced's call (guider.sample)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import comfy.patcher_extension
+import comfy.samplers
+import nodes
+from comfy.ldm.modules import attention as comfy_attention
+from concept_factory import random_concept
+
+from comfy_env import pack_module
+
+PROMPT = "a photo of <testconcept> dog on the beach"
+DEFAULTS = dict(prompt=PROMPT, negative="", concept_words="", class_word="", aux_noun="", dci_lambda=0.0,
+                dci_fraction=0.4, cfg=6.0, uncond="shared", aux_init="independent", aux_seed=3)
+STEPS = 6
+# the pack's DDIM over 6 steps visits timesteps 831, 665, 499, 333, 167, 1; the code's window
+# t / 1000 > 1 - 0.4 holds for 831 and 665: two steps with the auxiliary rows
+WINDOW_STEPS = 2
+
+
+def node(name):
+    return nodes.NODE_CLASS_MAPPINGS[name]
+
+
+def run(name, **inputs):
+    with torch.inference_mode():
+        return node(name).execute(**inputs).result
+
+
+def encode(clip, text):
+    with torch.inference_mode():
+        return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+@pytest.fixture(scope="module")
+def applied(tiny, tiny_shapes):
+    model, clip, vae = tiny
+    concept = random_concept(*tiny_shapes, gate=None)
+    m, c, _ = run("EqDiffApplyConcept", model=model, clip=clip, concept=concept, strength=1.0, token="")
+    return m, c, vae, concept
+
+
+def ddim(model):
+    return run("EqDiffSampler", model=model, steps=STEPS, eta=0.0)
+
+
+def sample_with(guider, model, seed=0):
+    """What SamplerCustomAdvanced does with a guider, the pack's DDIM and fixed noise."""
+    sampler, sigmas = ddim(model)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        return guider.sample(noise, torch.zeros(1, 4, 8, 8), sampler, sigmas, disable_pbar=True, seed=seed)
+
+
+def cfg_guider(model, clip, cfg=6.0, prompt=PROMPT):
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(encode(clip, prompt), encode(clip, ""))
+    guider.set_cfg(cfg)
+    return guider
+
+
+def dci_guider(model, clip, **overrides):
+    guider, aux_prompt = run("EqDiffDCIGuider", model=model, clip=clip, **{**DEFAULTS, **overrides})
+    return guider, aux_prompt
+
+
+def count_rows(model):
+    """A clone of MODEL that records the rows of every UNet call (an outer APPLY_MODEL wrapper)."""
+    rows = []
+
+    def wrapper(executor, x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return executor(x, *args, **kwargs)
+
+    counted = model.clone()
+    counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_rows", wrapper)
+    return counted, rows
+
+
+def test_empty_window_equals_cfg_guider_bit_for_bit(applied):
+    """dci_fraction 0: the window is empty (t / 1000 > 1 never holds), so the guider is CFGGuider with the
+    DBIM replaces and the wrapper passing through: the same latent, bit for bit, at any lambda."""
+    model, clip, _, _ = applied
+    plain = sample_with(cfg_guider(model, clip), model)
+    for lam in (0.0, 2.0):
+        guider, aux_prompt = dci_guider(model, clip, dci_fraction=0.0, dci_lambda=lam)
+        assert aux_prompt == "a photo of cat on the beach"
+        assert torch.equal(sample_with(guider, model), plain)
+
+
+def test_minus_infinity_lambda_in_the_window_is_cfg(applied):
+    """lambda = -inf is DBIM's neutral value (w_a = 0 exactly): with the window on, the concept branch gets its
+    own attention output back and the auxiliary rows change nothing but the batch width."""
+    model, clip, _, _ = applied
+    plain = sample_with(cfg_guider(model, clip), model)
+    guider, aux_prompt = dci_guider(model, clip)
+    settings = dataclasses.replace(guider.settings, lam=float("-inf"))
+    neutral = pack_module("nodes.comfyui.guiders").dci_guider(model, encode(clip, PROMPT), encode(clip, ""),
+                                                              encode(clip, aux_prompt), settings)
+    out = sample_with(neutral, model)
+    assert neutral.log.last.window_evaluations == WINDOW_STEPS
+    torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)
+
+
+def test_window_adds_auxiliary_rows_and_changes_the_image(applied):
+    model, clip, _, _ = applied
+    plain = sample_with(cfg_guider(model, clip), model)
+    for uncond, width in (("shared", 3), ("separate", 4)):
+        counted, rows = count_rows(model)
+        guider, _ = dci_guider(counted, clip, uncond=uncond)
+        out = sample_with(guider, model)
+        assert rows == [width] * WINDOW_STEPS + [2] * (STEPS - WINDOW_STEPS), uncond
+        assert (out - plain).abs().max() > 1e-3, uncond
+    weights = guider.log.last.mean_weights()
+    layers = pack_module("nodes.comfyui.unet").attention_layers(model.get_model_object("diffusion_model"))
+    assert set(weights) == {layer.key for layer in layers}
+    assert all(0 < float(w.min()) and float(w.max()) < 1 for w in weights.values())
+
+
+def test_auxiliary_noise_and_lambda_matter(applied):
+    model, clip, _, _ = applied
+    base = sample_with(dci_guider(model, clip)[0], model)
+    assert not torch.equal(base, sample_with(dci_guider(model, clip, aux_seed=4)[0], model))
+    assert not torch.equal(base, sample_with(dci_guider(model, clip, aux_init="same_noise")[0], model))
+    assert not torch.equal(base, sample_with(dci_guider(model, clip, dci_lambda=2.0)[0], model))
+    assert torch.equal(base, sample_with(dci_guider(model, clip)[0], model))  # a second run: fresh run state
+
+
+def test_a_foreign_attn2_replace_still_runs(applied):
+    """Another pack's attn2 replace (here on one layer by (block, number, index), on another by (block,
+    number)) keeps running under DCI, and with an empty window the result is the foreign-patched CFG's."""
+    model, clip, _, _ = applied
+    layers = pack_module("nodes.comfyui.unet").attention_layers(model.get_model_object("diffusion_model"))
+    calls = []
+
+    def foreign(q, k, v, extra_options):
+        calls.append((tuple(extra_options["block"]), len(extra_options["cond_or_uncond"])))
+        return comfy_attention.optimized_attention(q, k, v * 1.5, extra_options["n_heads"])
+
+    patched = model.clone()
+    first, last = layers[0], layers[-1]
+    patched.set_model_attn2_replace(foreign, *first.patch_key)
+    patched.set_model_attn2_replace(foreign, *last.patch_key[:2])
+    plain = sample_with(cfg_guider(patched, clip), model)
+    calls.clear()
+    assert torch.equal(sample_with(dci_guider(patched, clip, dci_fraction=0.0)[0], model), plain)
+    assert len(calls) == 2 * STEPS
+    calls.clear()
+    sample_with(dci_guider(patched, clip)[0], model)
+    assert sorted(set(calls)) == sorted({(first.patch_key[:2], 3), (first.patch_key[:2], 2),
+                                         (last.patch_key[:2], 3), (last.patch_key[:2], 2)})
+
+
+def test_rra_acts_on_the_concept_branch_not_the_auxiliary(applied, tiny, tiny_shapes):
+    """With the RRA Patch under the guider, RRA's target rows in a window step are the cond and uncond
+    chunks only (read from RRA's step state by an attn1 patch), and RRA changes the image."""
+    _, _, vae, _ = applied
+    base_model, base_clip, _ = tiny
+    concept = random_concept(*tiny_shapes, gate=0.6, seed=3)  # open gates: RRA acts
+    model, clip, _ = run("EqDiffApplyConcept", model=base_model, clip=base_clip, concept=concept, strength=1.0,
+                         token="")
+    reference = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    rra_model = run("EqDiffRRAPatch", model=model, concept=concept, reference=reference, vae=vae, strength=1.0,
+                    start_percent=0.0, end_percent=1.0, reference_noise="clean", noise_seed=0, rows="cond_uncond",
+                    layers="middle+output", cache=False)[0]
+    attention = pack_module("nodes.comfyui.attention")
+    seen = []
+
+    def spy(n, context, value, extra_options):
+        state = extra_options.get(attention.STEP_KEY)
+        if state is not None and state.target_rows:
+            seen.append((list(extra_options["cond_or_uncond"]), state.rows))
+        return n, context, value
+
+    spied = rra_model.clone()
+    spied.set_model_attn1_patch(spy)
+    with_rra = sample_with(dci_guider(spied, clip)[0], model)
+    window = [(chunks, rows) for chunks, rows in seen if 2 in chunks]
+    assert window, "no window step reached RRA"
+    for chunks, rows in window:
+        expected = [i for i, c in enumerate(chunks) if c in (0, 1)]
+        assert rows is not None and rows.tolist() == expected
+    assert all(rows is None for chunks, rows in seen if 2 not in chunks)
+    assert attention.run_log(rra_model).last.reference_passes >= STEPS
+    assert not torch.equal(with_rra, sample_with(dci_guider(model, clip)[0], model))
+
+
+def test_weights_preview(applied):
+    model, clip, _, _ = applied
+    guider, _ = dci_guider(model, clip)
+    with pytest.raises(ValueError, match="not sampled yet"):
+        run("EqDiffDCIWeights", guider=guider, samples={"samples": torch.zeros(1, 4, 8, 8)})
+    sample_with(guider, model)
+    image = run("EqDiffDCIWeights", guider=guider, samples={"samples": torch.zeros(1, 4, 8, 8)})[0]
+    assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
+    assert 0 <= float(image.min()) and float(image.max()) <= 1
+
+
+def test_concept_words_and_errors(applied):
+    model, clip, _, _ = applied
+    _, aux = dci_guider(model, clip, prompt="(<testconcept> dog:1.2) in snow, a <testconcept> dog", aux_noun="person")
+    assert aux == "(person:1.2) in snow, a person"
+    _, aux = dci_guider(model, clip, prompt="a fluffy dog on grass", concept_words="fluffy dog")
+    assert aux == "a cat on grass"
+    with pytest.raises(ValueError, match="no concept token"):
+        dci_guider(model, clip, prompt="a dog on grass")
+    with pytest.raises(ValueError, match="prompt: .*75 tokens"):
+        dci_guider(model, clip, prompt="a <testconcept> dog " + "on grass " * 60)
+    with pytest.raises(ValueError, match="aux_noun"):
+        dci_guider(model, clip, aux_noun="red car")
