@@ -10,9 +10,15 @@ One step, for a batch of photos of the subject (and optionally class images for 
 3. ``reference_pass``: another photo of the subject, augmented by scale / paste / crop, goes through
    the frozen base UNet at t - offset (the authors: 2) with the same noise; its self-attention
    inputs feed RRA;
-4. ``text_context``: the instance prompt with the branch's embedding at the placeholder;
+4. ``text_context``: the instance prompt with the branch's embedding at the placeholder (with ICO:
+   the photo's own learnable context tokens around it, DCI/ICO Eq. 2);
 5. ``losses``: the masked MSE of the noise prediction (Eq. 7) + lambda_ra L_ra (Eq. 10)
-   + lambda_ca (cross-attention mask loss, the authors' code) + lambda_prior MSE on the class images.
+   + lambda_ca (cross-attention mask loss, the authors' code) + lambda_prior MSE on the class images
+   (+ eta L_PureCC against ``purecc_target``, PureCC's pure-learning loss in epsilon form).
+
+Two options come from the related methods (shared/notes/related-methods.md): ICO, image-specific context
+optimisation (DCI/ICO, ECCV 2024, §2.2), and PureCC's pure-learning loss (§1.2, §1.5). Both are off in
+every preset.
 
 The model is reached through the small ``DiffusionBackend`` interface, so the step runs under
 ComfyUI (``nodes/comfyui/training.py``) and in plain tests alike. All randomness of a step comes from a
@@ -82,6 +88,21 @@ class TrainingSettings:
     class_prompt: str = "{class_word}"    # the class images' prompt (the authors: train.sh's INIT_TOKEN)
     reference_prompt: str = "instance"    # the photos' reference pass reads the instance prompt or the class prompt
     inference_reference_prompt: str = "photo of a {class_word}"  # stored in the concept for the RRA Patch
+    # ICO (DCI/ICO Eq. 2): per photo and branch, M context tokens before the concept and L after it;
+    # off with M = L = 0. The concept itself is one token per band here (S = 1).
+    ico_prefix_tokens: int = 0            # M (the authors: 4 alone, 1 for models meant for DCI)
+    ico_suffix_tokens: int = 0            # L (the authors: 2 alone, 1 for DCI)
+    ico_lr_multiplier: float = 10.0       # the contexts' learning rate over the others' (the authors: 10x)
+    ico_prefix_init: str = "a photo of a"  # the prefix contexts start as this text's last M tokens
+    ico_suffix_init: str = "."            # the suffix contexts start as this text's first L tokens
+    # PureCC (notes §1.2, §1.5): L = L_CC + eta || eps(y) - [eps_base + lambda (eps_ext(y_tgt) - eps_ext(0))] ||^2
+    purecc_weight: float = 0.0            # eta; 0 = off (the authors' code: 2)
+    purecc_lambda: float = 1.0            # lambda (the authors' code: fixed 1)
+    purecc_extractor: str = "concept"     # eps_ext: the Stage-1 concept's K/V and token (the paper) or its token
+                                          # on the base weights ("token_only", the released code)
+    purecc_base: str = "trained"          # eps_base: the trained model (the paper) or the frozen base (supp. §61)
+    purecc_base_prompt: str = "photo of a {class_word}"  # y_base: the prompt without the subject
+    purecc_masked: bool = True            # the PureCC term counts inside the MGDP mask, as Eq. 7
 
     def validate(self) -> "TrainingSettings":
         probs = (self.p_low, self.p_high, self.p_original)
@@ -105,7 +126,20 @@ class TrainingSettings:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if "{token}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{token}}, got {self.prompt_template!r}")
-        for name in ("class_prompt", "inference_reference_prompt"):
+        for name in ("ico_prefix_tokens", "ico_suffix_tokens"):
+            if not 0 <= getattr(self, name) <= 16:
+                raise ValueError(f"{name} must be between 0 and 16 (the authors use 1 to 4), got {getattr(self, name)}")
+        if self.ico_prefix_tokens and not self.ico_prefix_init.strip():
+            raise ValueError("ico_prefix_init must hold a word to start the prefix contexts from (e.g. 'a photo of a')")
+        if self.ico_suffix_tokens and not self.ico_suffix_init.strip():
+            raise ValueError("ico_suffix_init must hold a word to start the suffix contexts from (e.g. '.')")
+        if not (self.ico_lr_multiplier > 0 and math.isfinite(self.ico_lr_multiplier)):
+            raise ValueError(f"ico_lr_multiplier must be positive (the authors: 10), got {self.ico_lr_multiplier}")
+        if not (self.purecc_weight >= 0 and math.isfinite(self.purecc_weight)):
+            raise ValueError(f"purecc_weight must be >= 0 (0 = off, the authors: 2), got {self.purecc_weight}")
+        if not math.isfinite(self.purecc_lambda):
+            raise ValueError(f"purecc_lambda must be a finite number (the authors: 1), got {self.purecc_lambda}")
+        for name in ("class_prompt", "inference_reference_prompt", "purecc_base_prompt"):
             if "{token}" in getattr(self, name):
                 raise ValueError(f"{name} must not contain {{token}} (it is a plain prompt), got {getattr(self, name)!r}")
         return self
@@ -113,13 +147,29 @@ class TrainingSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def ico_contexts(self) -> int:
+        """M + L, the context tokens per photo and branch (0: ICO off)."""
+        return self.ico_prefix_tokens + self.ico_suffix_tokens
+
+    @property
+    def purecc(self) -> bool:
+        return self.purecc_weight > 0
+
 
 # the settings that take one of a few values
 CHOICES = {
     "filter_shape": frequency.SHAPES, "filter_profile": frequency.PROFILES, "band_output": frequency.OUTPUTS,
     "rra_layers": tuple(rra.RRA_LAYER_SETS), "ra_loss_form": rra.LOSS_FORMS,
     "masked_loss_normalisation": ("mask_area", "elements"), "reference_prompt": ("instance", "class"),
+    "purecc_extractor": ("concept", "token_only"), "purecc_base": ("trained", "frozen"),
 }
+
+# the knobs of ICO and PureCC (off in every preset): optional inputs of the options node, so that graphs
+# saved before they existed keep validating
+RELATED_METHOD_SETTINGS = frozenset({
+    "ico_prefix_tokens", "ico_suffix_tokens", "ico_lr_multiplier", "ico_prefix_init", "ico_suffix_init",
+    "purecc_weight", "purecc_lambda", "purecc_extractor", "purecc_base", "purecc_base_prompt", "purecc_masked"})
 
 PRESETS = {
     # what produced the paper's numbers (eqdiff-method.md), without the code's defects
@@ -245,18 +295,23 @@ def _param_name(key: str) -> str:
     return key.replace(".", "__")
 
 
+ICO_STATE = "ico_contexts"  # the contexts' key in a concept's training state (resume only)
+
+
 class ConceptParameters(nn.Module):
     """The tensors a concept learns: S*_LF, S*_HF (D,), K/V deltas keyed by UNet weight name, and RRA
-    layers keyed by layer (``output.3.0``)."""
+    layers keyed by layer (``output.3.0``); with ICO also the throw-away contexts (3, N, M + L, D): one
+    set per branch (LOW, HIGH, ORIGINAL: three different images of each photo) and photo, prefix first."""
 
     def __init__(self, token_lf: torch.Tensor, token_hf: torch.Tensor, kv_deltas: dict[str, torch.Tensor],
-                 rra_layers: dict[str, rra.RRALayer]):
+                 rra_layers: dict[str, rra.RRALayer], contexts: torch.Tensor | None = None):
         super().__init__()
         self.token_lf = nn.Parameter(token_lf.detach().float().clone())
         self.token_hf = nn.Parameter(token_hf.detach().float().clone())
         self.kv = nn.ParameterDict({_param_name(k): nn.Parameter(v.detach().float().clone())
                                     for k, v in kv_deltas.items()})
         self.rra = nn.ModuleDict({_param_name(k): layer.float() for k, layer in rra_layers.items()})
+        self.contexts = None if contexts is None else nn.Parameter(contexts.detach().float().clone())
         self.kv_keys = list(kv_deltas)
         self.rra_keys = list(rra_layers)
 
@@ -267,22 +322,25 @@ class ConceptParameters(nn.Module):
         return self.rra[_param_name(key)]
 
     def embedding_parameters(self) -> list[nn.Parameter]:
-        return [self.token_lf, self.token_hf]
+        """The text-side tensors: the two embeddings and the ICO contexts (not clipped)."""
+        return [self.token_lf, self.token_hf, *([] if self.contexts is None else [self.contexts])]
 
     def clipped_parameters(self) -> list[nn.Parameter]:
         return [*self.kv.values(), *self.rra.parameters()]
 
     @classmethod
     def from_concept(cls, concept: Concept) -> "ConceptParameters":
+        """The concept's tensors; ICO contexts come from its training state when it kept them."""
         layers = {}
         for key, p in concept.rra.items():
             layer = rra.RRALayer(p["to_k_res"].shape[0])
             layer.load_state_dict({"to_k_res.weight": p["to_k_res"], "to_v_res.weight": p["to_v_res"],
                                    "h_r.weight": p["h_r.weight"], "h_r.bias": p["h_r.bias"]})
             layers[key] = layer
-        return cls(concept.token_lf, concept.token_hf, concept.kv_deltas, layers)
+        return cls(concept.token_lf, concept.token_hf, concept.kv_deltas, layers, concept.training_state.get(ICO_STATE))
 
     def to_concept(self, metadata: dict, reference_context: torch.Tensor | None = None) -> Concept:
+        """The concept as inference uses it: the ICO contexts are not part of it (see ``optimizer_state``)."""
         cpu = lambda t: t.detach().to("cpu", torch.float32).clone()  # noqa: E731
         layers = {k: {"to_k_res": cpu(self.rra_layer(k).to_k_res.weight), "to_v_res": cpu(self.rra_layer(k).to_v_res.weight),
                       "h_r.weight": cpu(self.rra_layer(k).h_r.weight), "h_r.bias": cpu(self.rra_layer(k).h_r.bias)}
@@ -292,15 +350,21 @@ class ConceptParameters(nn.Module):
 
 
 def make_optimizer(params: ConceptParameters, learning_rate: float, settings: TrainingSettings) -> torch.optim.AdamW:
+    """AdamW over every trained tensor; the ICO contexts at ``ico_lr_multiplier`` x the learning rate
+    (the DCI/ICO code: 10x)."""
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate}")
     on_cuda = all(p.is_cuda for p in params.parameters())
-    return torch.optim.AdamW(params.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
+    groups = [{"params": [p for name, p in params.named_parameters() if name != "contexts"]}]
+    if params.contexts is not None:
+        groups.append({"params": [params.contexts], "lr": learning_rate * settings.ico_lr_multiplier})
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
                              weight_decay=settings.weight_decay, fused=on_cuda or None)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, params: ConceptParameters) -> dict[str, torch.Tensor]:
-    """AdamW's moments by parameter name, to store beside the concept so that training can resume."""
+    """What resuming needs beside the concept: AdamW's moments by parameter name, and the ICO contexts
+    (they are no part of the concept and never reach inference)."""
     out = {}
     for name, p in params.named_parameters():
         state = optimizer.state.get(p)
@@ -308,6 +372,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer, params: ConceptParameters)
             out[f"{name}.exp_avg"] = state["exp_avg"].detach().cpu().clone()
             out[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().clone()
             out[f"{name}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).cpu()
+    if params.contexts is not None:
+        out[ICO_STATE] = params.contexts.detach().to("cpu", torch.float32).clone()
     return out
 
 
@@ -330,7 +396,8 @@ class TrainingData:
     latents: (3, N, 4, h, w) UNet-space latents of the LOW, HIGH and ORIGINAL photos;
     loss_masks: (N, 1, h, w) dilated subject masks (Eq. 6-7); subject_masks: (N, 1, h, w) undilated,
     for L_ra and the cross-attention loss; canvas: (4, h, w) latent of an empty mid-grey image;
-    prior_latents: (P, 3, 4, h, w) class images per branch, or None.
+    prior_latents: (P, 3, 4, h, w) class images per branch, or None;
+    extractor_tokens: (2, D) S*_LF, S*_HF of PureCC's Stage-1 concept (the extractor), or None.
     """
 
     latents: torch.Tensor
@@ -338,6 +405,7 @@ class TrainingData:
     subject_masks: torch.Tensor
     canvas: torch.Tensor
     prior_latents: torch.Tensor | None = None
+    extractor_tokens: torch.Tensor | None = None
 
     @property
     def photos(self) -> int:
@@ -362,6 +430,18 @@ class DiffusionBackend(Protocol):
 
     def instance_context(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The instance prompt's text context with the placeholder set to each row: (n, D) -> (n, L, D)."""
+
+    def ico_context(self, embeddings: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """ICO's prompt (DCI/ICO Eq. 2) [I]_1..M S* <class word> [I]_M+1..M+L per row, the placeholder set to
+        ``embeddings`` and the contexts to ``contexts``: (n, D), (n, M + L, D) -> (n, L, D). ICO only."""
+
+    def purecc_contexts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """PureCC's fixed prompts: y_base (``purecc_base_prompt``) and the empty prompt, (1, L, D) each."""
+
+    def frozen_prediction(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                          weights: str) -> torch.Tensor:
+        """A noise prediction (B, 4, h, w) without the reference (RRA idle) through frozen weights: ``base``
+        (the base UNet) or ``extractor`` (the base UNet with PureCC's Stage-1 K/V deltas). Run under no_grad."""
 
     def class_context(self) -> torch.Tensor:
         """The class prompt's context (1, L, D), fixed."""
@@ -406,11 +486,12 @@ class LossParts:
     prior: torch.Tensor | None = None                  # prior preservation on the class images
     reference_attention: torch.Tensor | None = None    # L_ra, Eq. 10
     cross_attention: torch.Tensor | None = None        # the placeholder's cross-attention mask loss
+    purecc: torch.Tensor | None = None                 # L_PureCC, unweighted
 
     def values(self) -> dict[str, float]:
         """{"loss": total, term: value} as floats, for logs and the loss history."""
         terms = {"loss": self.total, "denoise": self.denoise, "prior": self.prior, "ra": self.reference_attention,
-                 "cross_attention": self.cross_attention}
+                 "cross_attention": self.cross_attention, "purecc": self.purecc}
         return {k: float(v) for k, v in terms.items() if v is not None}
 
 
@@ -499,14 +580,51 @@ def reference_pass(backend: DiffusionBackend, data: TrainingData, batch: Batch, 
 
 def text_context(params: "ConceptParameters", backend: DiffusionBackend, batch: Batch) -> torch.Tensor:
     """Step 4: the instance prompt with S*_LF, S*_HF or S*_LF + S*_HF at the placeholder per photo
-    (Eq. 5; each distinct branch encoded once), the class prompt for class images; (rows, L, D)."""
+    (Eq. 5; each distinct branch encoded once); with ICO each photo's prompt carries the contexts of its
+    (branch, photo), so each row is encoded on its own (DCI/ICO Eq. 2). The class images keep the plain
+    class prompt; (rows, L, D)."""
     token = branch_embeddings(params.token_lf, params.token_hf, batch.branches)
-    unique = batch.branches.unique()
-    encoded = backend.instance_context(token[[int((batch.branches == b).nonzero()[0]) for b in unique.tolist()]])
-    context = encoded[torch.searchsorted(unique, batch.branches).to(encoded.device)]
+    if params.contexts is not None:
+        contexts = params.contexts[batch.branches.to(token.device), batch.photos.to(token.device)]  # (B, M + L, D)
+        context = backend.ico_context(token, contexts)
+    else:
+        unique = batch.branches.unique()
+        encoded = backend.instance_context(token[[int((batch.branches == b).nonzero()[0]) for b in unique.tolist()]])
+        context = encoded[torch.searchsorted(unique, batch.branches).to(encoded.device)]
     if batch.priors.numel():
         context = torch.cat([context, backend.class_context().to(context.dtype).expand(batch.priors.numel(), -1, -1)])
     return context
+
+
+def purecc_target(backend: DiffusionBackend, data: TrainingData, batch: Batch, z_t: torch.Tensor,
+                  timesteps: torch.Tensor, settings: TrainingSettings) -> torch.Tensor:
+    """PureCC's decoupled target for the photos' rows (notes §1.2, §1.5 in epsilon form):
+    eps_base + lambda (eps_ext(z_t, y_tgt) - eps_ext(z_t, empty)), (B, 4, h, w).
+
+    eps_base: the trained model on y_base, with gradients (the paper), or the frozen base UNet without
+    (``purecc_base = frozen``, supp. §61). The extractor is PureCC's frozen Stage-1 model: y_tgt is the
+    instance prompt with the Stage-1 embedding of each row's branch, run through the Stage-1 K/V
+    (``concept``, the paper) or the base weights (``token_only``, the released code); no gradients.
+    These passes have no reference photo (RRA idle): y_base and the empty prompt name no subject."""
+    if data.extractor_tokens is None:
+        raise ValueError("PureCC needs its extractor (the Stage-1 concept); none was given")
+    b = batch.size
+    x, t = z_t[:b], timesteps[:b]
+    base_context, empty_context = backend.purecc_contexts()
+    base_context = base_context.expand(b, -1, -1)
+    if settings.purecc_base == "trained":
+        eps_base = backend.predict(x, t, base_context, None, recorded_rows=0).noise
+    else:
+        with torch.no_grad():
+            eps_base = backend.frozen_prediction(x, t, base_context, "base")
+    tokens = data.extractor_tokens
+    with torch.no_grad():
+        target_context = backend.instance_context(branch_embeddings(tokens[0], tokens[1], batch.branches))
+        both = backend.frozen_prediction(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([target_context, empty_context.expand(b, -1, -1)]),
+            "extractor" if settings.purecc_extractor == "concept" else "base")
+    eps_target, eps_empty = both[:b], both[b:]
+    return eps_base + settings.purecc_lambda * (eps_target - eps_empty)
 
 
 def _resize_tokens(mask: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -515,13 +633,22 @@ def _resize_tokens(mask: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 def losses(out: StepOutput, noise: torch.Tensor, masks: torch.Tensor, subject: torch.Tensor,
-           reference_masks: torch.Tensor | None, batch: Batch, settings: TrainingSettings) -> tuple[torch.Tensor, LossParts]:
+           reference_masks: torch.Tensor | None, batch: Batch, settings: TrainingSettings,
+           purecc: torch.Tensor | None = None) -> tuple[torch.Tensor, LossParts]:
     """Step 5: Eq. 7 on the photos + prior loss on the class images + lambda_ra L_ra (Eq. 10) +
-    lambda_ca the cross-attention mask loss. ``subject``: the photos' undilated masks (B, 1, h, w)."""
+    lambda_ca the cross-attention mask loss (+ eta L_PureCC when ``purecc``, the photos' PureCC target
+    (B, 4, h, w), is given). ``subject``: the photos' undilated masks (B, 1, h, w).
+
+    L_PureCC is Eq. 7's form with the PureCC target in place of the noise: the same normalisation, inside
+    the MGDP mask when ``purecc_masked`` (``elements`` without a mask is the authors' plain MSE)."""
     b = batch.size
     inst_mask = masks[:b] if settings.masked_loss else torch.ones_like(masks[:b])
     loss = denoise = masked_mse(out.noise[:b], noise[:b], inst_mask, settings.masked_loss_normalisation)  # Eq. 7
     parts = {}
+    if purecc is not None:
+        purecc_mask = masks[:b] if settings.purecc_masked else torch.ones_like(masks[:b])
+        parts["purecc"] = masked_mse(out.noise[:b], purecc, purecc_mask, settings.masked_loss_normalisation)
+        loss = loss + settings.purecc_weight * parts["purecc"]
     if batch.priors.numel():
         parts["prior"] = F.mse_loss(out.noise[b:].float(), noise[b:].float())
         loss = loss + settings.prior_loss_weight * parts["prior"]
@@ -547,8 +674,9 @@ def training_step(params: ConceptParameters, backend: DiffusionBackend, data: Tr
     if settings.train_rra and params.rra_keys:
         reference, reference_masks = reference_pass(backend, data, batch, timesteps, noise, settings, generator)
     out = backend.predict(z_t, timesteps, text_context(params, backend, batch), reference, recorded_rows=batch.size)
+    target = purecc_target(backend, data, batch, z_t, timesteps, settings) if settings.purecc else None
     subject = data.subject_masks[batch.photos.to(data.latents.device)]
-    loss, parts = losses(out, noise, masks, subject, reference_masks, batch, settings)
+    loss, parts = losses(out, noise, masks, subject, reference_masks, batch, settings, target)
     return loss, parts, batch
 
 

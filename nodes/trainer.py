@@ -67,7 +67,28 @@ OPTION_TOOLTIPS = {
     "concept; {class_word} is filled in. The authors' configs describe the reference photo.",
     "masked_loss_normalisation": "Eq. 7 divided by the mask area (the authors) or by area x channels (a "
     "per-element mean).",
+    "ico_prefix_tokens": "ICO (DCI/ICO, ECCV 2024): M learnable context tokens before the concept in each photo's "
+    "training prompt, one set per photo and branch, thrown away after training; they soak up what is "
+    "particular to one photo (pose, light, background). 0 with ico_suffix_tokens 0 = off. The authors: 4 "
+    "(ICO alone), 1 (models meant for DCI).",
+    "ico_suffix_tokens": "ICO: L learnable context tokens after the class word (the authors: 2 alone, 1 for DCI).",
+    "ico_lr_multiplier": "ICO: the contexts' learning rate as a multiple of learning_rate (the authors: 10).",
+    "ico_prefix_init": "ICO: the prefix contexts start as the last M tokens of this text (the authors: 'a photo of "
+    "a').",
+    "ico_suffix_init": "ICO: the suffix contexts start as the first L tokens of this text (the authors: '.').",
+    "purecc_weight": "PureCC's pure-learning loss, weight eta (0 = off; the authors: 2): the prediction for the "
+    "concept prompt should equal the prediction for purecc_base_prompt plus lambda times the concept "
+    "direction of a frozen Stage-1 concept (connect it to the trainer's purecc_stage1). 3 extra UNet passes per "
+    "step, 1 with gradients.",
+    "purecc_lambda": "PureCC: lambda, the strength of the Stage-1 concept direction (the authors: 1).",
+    "purecc_extractor": "PureCC: the extractor passes use the Stage-1 concept's K/V and token (concept, the paper) "
+    "or only its token on the base weights (token_only, the authors' released code).",
+    "purecc_base": "PureCC: eps_base from the model being trained, with gradients (trained, the paper) or from "
+    "the frozen base model (frozen, the paper's supplementary variant).",
+    "purecc_base_prompt": "PureCC: y_base, the prompt without the subject; {class_word} is filled in.",
+    "purecc_masked": "PureCC: the term counts only inside the MGDP mask, like Eq. 7.",
 }
+
 OPTION_CHOICES = training.CHOICES
 
 
@@ -76,17 +97,22 @@ def _option_inputs() -> list:
     inputs = []
     for f in fields(training.TrainingSettings):
         tip = OPTION_TOOLTIPS[f.name]
+        optional = f.name in training.RELATED_METHOD_SETTINGS
         if f.type == "bool":
-            inputs.append(io.Combo.Input(f.name, options=[PRESET, "on", "off"], default=PRESET, tooltip=tip))
+            inputs.append(io.Combo.Input(f.name, options=[PRESET, "on", "off"], default=PRESET, tooltip=tip,
+                                         optional=optional))
         elif f.name in OPTION_CHOICES:
-            inputs.append(io.Combo.Input(f.name, options=[PRESET, *OPTION_CHOICES[f.name]], default=PRESET, tooltip=tip))
+            inputs.append(io.Combo.Input(f.name, options=[PRESET, *OPTION_CHOICES[f.name]], default=PRESET, tooltip=tip,
+                                         optional=optional))
         elif f.type == "float":
             inputs.append(io.Float.Input(f.name, default=-1.0, min=-1.0, max=1000.0, step=0.01,
-                                         tooltip=tip + " -1 = the preset's value."))
+                                         tooltip=tip + " -1 = the preset's value.", optional=optional))
         elif f.type == "int":
-            inputs.append(io.Int.Input(f.name, default=-1, min=-1, max=4096, tooltip=tip + " -1 = the preset's value."))
+            inputs.append(io.Int.Input(f.name, default=-1, min=-1, max=4096, tooltip=tip + " -1 = the preset's value.",
+                                       optional=optional))
         else:
-            inputs.append(io.String.Input(f.name, default="", tooltip=tip + " Empty = the preset's value."))
+            inputs.append(io.String.Input(f.name, default="", tooltip=tip + " Empty = the preset's value.",
+                                          optional=optional))
     return inputs
 
 
@@ -116,7 +142,7 @@ class EqDiffTrainerOptions(io.ComfyNode):
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:
         require_choices(cls, **{f.name: values.get(f.name) for f in fields(training.TrainingSettings)
-                                if f.type == "bool" or f.name in OPTION_CHOICES})
+                                if (f.type == "bool" or f.name in OPTION_CHOICES) and values.get(f.name) is not None})
         overrides = _overrides(values)
         training.settings_for("official", **overrides)  # a bad value is refused here, naming the knob
         return io.NodeOutput(overrides)
@@ -165,6 +191,10 @@ class EqDiffFDTETrainer(io.ComfyNode):
                 io.Int.Input("save_every", default=0, min=0, max=100000, optional=True,
                              tooltip="Save to models/eqdiff/<name>.autosave.safetensors every this many steps (0 = "
                              "only when stopped or failed)."),
+                Concept.Input("purecc_stage1", optional=True,
+                              tooltip="PureCC's Stage-1 concept (its extractor): a concept trained before on the same "
+                              "subject, e.g. a plain FDTE Trainer run. Used only when the options set "
+                              "purecc_weight > 0, and needed then."),
             ],
             outputs=[
                 Concept.Output("concept", display_name="concept", tooltip="The learned concept."),
@@ -182,7 +212,7 @@ class EqDiffFDTETrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, masks, class_word, name, steps, learning_rate, batch_size, seed,
                 precision, gradient_checkpointing, preset, class_images=None, options=None, resume_from=None,
-                save_every=0) -> io.NodeOutput:
+                save_every=0, purecc_stage1=None) -> io.NodeOutput:
         require_choices(cls, precision=precision, preset=preset)
         ok = _check_name(name)
         if ok is not True:
@@ -192,11 +222,11 @@ class EqDiffFDTETrainer(io.ComfyNode):
         with torch.inference_mode(False):
             return cls._train(model, clip, vae, images, masks, class_word.strip(), name, steps, learning_rate,
                               batch_size, seed, precision, gradient_checkpointing, preset, class_images,
-                              options or {}, resume_from, save_every or 0)
+                              options or {}, resume_from, save_every or 0, purecc_stage1)
 
     @classmethod
     def _train(cls, model, clip, vae, images, masks, class_word, name, steps, learning_rate, batch_size, seed,
-               precision, gradient_checkpointing, preset, class_images, options, resume, save_every):
+               precision, gradient_checkpointing, preset, class_images, options, resume, save_every, extractor):
         masks = masks.reshape(-1, *masks.shape[-2:])  # a single (H, W) mask is a batch of one
         _check_inputs(images, masks, class_word, learning_rate)
         settings = training.settings_for(preset, **options)
@@ -204,16 +234,25 @@ class EqDiffFDTETrainer(io.ComfyNode):
         token = f"<{name}>"
         if resume is not None:
             weights.check_concept_fits(resume, model, clip)
-        params = initial_parameters(model, clip, settings, resume)
+        if settings.purecc:
+            if extractor is None:
+                raise ValueError(f"purecc_stage1: the options set purecc_weight {settings.purecc_weight} but no "
+                                 f"Stage-1 concept is connected; train the subject once without PureCC and connect "
+                                 f"that concept here, or set purecc_weight to 0")
+            weights.check_concept_fits(extractor, model, clip)
+        params = initial_parameters(model, clip, settings, resume, photos=int(images.shape[0]))
         start = int(resume.metadata.get("training_step", 0)) if resume is not None and resume.training_state else 0
         history = list(resume.metadata.get("loss_history", [])) if resume is not None else []
         data = training_data(model, vae, images, masks, class_images, settings, settings.resolution)
+        if settings.purecc:
+            data.extractor_tokens = torch.stack([extractor.token_lf, extractor.token_hf]).to(data.latents.device)
         params.to(data.latents.device)
         optimizer = training.make_optimizer(params, learning_rate, settings)
         if resume is not None and resume.training_state:
             training.load_optimizer_state(optimizer, params, resume.training_state)
         backend = TrainingBackend(model, clip, params, settings, token=token, class_word=class_word, dtype=dtype,
-                                  gradient_checkpointing=gradient_checkpointing)
+                                  gradient_checkpointing=gradient_checkpointing,
+                                  extractor=extractor if settings.purecc else None)
         reference_context = backend.inference_reference_context
         metadata = {"name": name, "token": token, "class_word": class_word, "preset": preset,
                     "settings": settings.to_dict(), "learning_rate": learning_rate, "batch_size": batch_size,
@@ -221,6 +260,8 @@ class EqDiffFDTETrainer(io.ComfyNode):
                     "class_images": 0 if class_images is None else int(class_images.shape[0]),
                     "base_model": type(model.model).__name__ + "/" + type(model.model.model_config).__name__,
                     "base_model_hash": weights.base_fingerprint(model)}
+        if settings.purecc:
+            metadata["purecc_stage1"] = extractor.name
         autosave = os.path.join(folders.default_path(folders.CONCEPTS), f"{name}.autosave.safetensors")
         progress = management.Progress(steps)
         progress.set(start)

@@ -58,18 +58,21 @@ def out(node_id: str, index: int = 0) -> list:
 
 
 def options_inputs(**overrides) -> dict:
-    """FDTE Trainer Options with every knob at its preset value except ``overrides``."""
-    from eqdiff_core.training import CHOICES, TrainingSettings
+    """FDTE Trainer Options with every knob at its preset value except ``overrides``; the optional knobs of
+    ICO and PureCC appear only when overridden."""
+    from eqdiff_core.training import CHOICES, RELATED_METHOD_SETTINGS, TrainingSettings
 
     values = {}
     for f in fields(TrainingSettings):
+        if f.name in RELATED_METHOD_SETTINGS:
+            continue
         if f.type == "bool" or f.name in CHOICES:
             values[f.name] = "preset"
         elif f.type in ("float", "int"):
             values[f.name] = -1.0 if f.type == "float" else -1
         else:
             values[f.name] = ""
-    unknown = set(overrides) - set(values)
+    unknown = set(overrides) - set(values) - RELATED_METHOD_SETTINGS
     if unknown:
         raise KeyError(f"unknown trainer options {unknown}")
     return {**values, **overrides}

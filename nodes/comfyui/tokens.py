@@ -53,6 +53,14 @@ def vocabulary_id(clip, word: str) -> int:
     return int(inner.tokenizer(word)["input_ids"][inner.tokens_start])
 
 
+def text_rows(clip, text: str) -> torch.Tensor:
+    """The vocabulary rows of ``text``'s BPE tokens, without the start and end tokens (k, D), float32 on
+    the CPU."""
+    inner = _sd_tokenizer(clip.tokenizer)
+    ids = inner.tokenizer(text)["input_ids"][inner.tokens_start:-1]
+    return token_table(clip)[ids].detach().to("cpu", torch.float32).clone()
+
+
 def vocabulary_row(clip, word: str) -> torch.Tensor:
     """The embedding of ``word``'s vocabulary entry (D,), float32 on the CPU."""
     return token_table(clip)[vocabulary_id(clip, word)].detach().to("cpu", torch.float32).clone()

@@ -6,8 +6,9 @@ user connected must not change. The backend therefore trains on private copies o
 CLIP text encoder: the module structure copied, every weight computed from the patcher's base weights
 and weight patches (nodes.comfyui.weights), and ComfyUI's casting turned off so the copies run as
 plain torch modules. The concept's K/V deltas wrap the copy's cross-attention projections (off for
-the reference pass, which sees the base weights), and RRA runs through the same attention patches as
-at inference.
+the reference pass, which sees the base weights; PureCC's extractor passes read its Stage-1 concept's
+deltas instead), and RRA runs through the same attention patches as at inference. ICO's context
+tokens enter the prompt as embedding tokens of the text encoder's input, as the concept token does.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def _checkpointed(forward):
 
 
 class DeltaProjection(torch.nn.Module):
-    """A cross-attention K or V projection of the trainable copy: x (W + delta)^T while ``owner.kv_enabled``.
+    """A cross-attention K or V projection of the trainable copy: x (W + delta)^T with the delta
+    ``owner.kv_delta(key)`` of the pass (None: the base weights).
 
     ``detach_start_token``: the start token's keys and values pass no gradient, as Custom Diffusion's
     (and the authors') processor does (``detach[:, :1]``)."""
@@ -107,10 +109,11 @@ class DeltaProjection(torch.nn.Module):
 
     def forward(self, x):
         weight = self.base.weight
-        if self.owner.kv_enabled:
-            weight = weight + self.owner.params.kv_delta(self.key).to(weight.dtype)
+        delta = self.owner.kv_delta(self.key)
+        if delta is not None:
+            weight = weight + delta.to(weight.dtype)
         out = F.linear(x, weight, self.base.bias)
-        if self.detach_start_token and self.owner.kv_enabled:
+        if self.detach_start_token and delta is not None:
             out = torch.cat([out[:, :1].detach(), out[:, 1:]], dim=1)
         return out
 
@@ -133,15 +136,19 @@ class TrainingBackend:
     """eqdiff_core.training.DiffusionBackend over a ComfyUI MODEL and CLIP (see the module doc)."""
 
     def __init__(self, model, clip, params, settings, *, token: str, class_word: str, dtype: torch.dtype,
-                 gradient_checkpointing: bool):
+                 gradient_checkpointing: bool, extractor=None):
+        """``extractor``: PureCC's Stage-1 concept (its K/V deltas serve the extractor passes)."""
         device = management.compute_device()
         self.device, self.dtype, self.params, self.settings = device, dtype, params, settings
         self.autocast = dtype != torch.float32
-        self.kv_enabled = True
+        self.kv_weights = "trained"  # whose K/V deltas the UNet adds: trained, base (none) or extractor
+        self.extractor_kv = {}
+        if extractor is not None and settings.purecc_extractor == "concept":
+            self.extractor_kv = {k: v.to(device, torch.float32) for k, v in extractor.kv_deltas.items()}
         diffusion_model = model.get_model_object("diffusion_model")
         self.unet = trainable_copy(diffusion_model, patched_weights(model, UNET_PREFIX, device), dtype)
         with torch.inference_mode(False):
-            for name in params.kv_keys:
+            for name in dict.fromkeys([*params.kv_keys, *self.extractor_kv]):
                 path = name[len(UNET_PREFIX):-len(".weight")]
                 parent, _, child = path.rpartition(".")
                 owner = self.unet.get_submodule(parent)
@@ -164,7 +171,13 @@ class TrainingBackend:
         self.text = self._text_encoder(clip, dtype)
         prompt = settings.prompt_template.format(token=token, class_word=class_word)
         self.instance_tokens, self.placeholder_index = self._instance_tokens(clip, prompt, token)
+        if settings.ico_contexts:  # the photos' prompts are ICO's: the cross-attention loss reads its placeholder
+            self.ico_tokens, self.ico_positions = self._ico_tokens(clip, token, class_word)
+            self.placeholder_index = self.ico_positions[settings.ico_prefix_tokens]
         with torch.inference_mode(False), torch.no_grad():
+            if settings.purecc:
+                self._purecc_contexts = (self.encode(clip, settings.purecc_base_prompt.format(class_word=class_word)),
+                                         self.encode(clip, ""))
             self._class_context = self.encode(clip, settings.class_prompt.format(class_word=class_word))
             if settings.reference_prompt == "instance":  # the placeholder keeps its initial, untrained row
                 self._reference_context = self.instance_context(tokens.vocabulary_row(clip, settings.init_token)[None])
@@ -198,6 +211,22 @@ class TrainingBackend:
             raise ValueError(f"prompt_template: '{prompt}' must contain the token exactly once")
         return rows[0], where[0]
 
+    def _ico_tokens(self, clip, token: str, class_word: str):
+        """ICO's prompt (DCI/ICO Eq. 2) as one token row with a tensor slot per context and at the
+        placeholder, and the slots' positions (prefix contexts, placeholder, suffix contexts)."""
+        slot = "<eqdiff-ico-context>"
+        m, n = self.settings.ico_prefix_tokens, self.settings.ico_suffix_tokens
+        prompt = " ".join([slot] * m + [token, class_word] + [slot] * n)
+        marker = torch.zeros(tokens.text_width(clip))
+        rows = tokens.prompt_tokens(clip, prompt, {token: marker, slot: marker})
+        if len(rows) != 1:
+            raise ValueError(f"ico_prefix_tokens / ico_suffix_tokens: the ICO prompt '{prompt}' is longer than one "
+                             f"77-token chunk; use fewer contexts or a shorter class_word")
+        where = [i for i, t in enumerate(rows[0]) if torch.is_tensor(t)]
+        if len(where) != m + 1 + n:
+            raise ValueError(f"class_word: {class_word!r} must not contain the concept token")
+        return rows[0], where
+
     # -- DiffusionBackend ---------------------------------------------------------------------------
     def _autocast(self):
         if not self.autocast:
@@ -216,6 +245,21 @@ class TrainingBackend:
         rows = [[e if torch.is_tensor(t) else t for t in self.instance_tokens] for e in embeddings]
         with self._autocast():
             return self.text(rows)[0].float().to(self.device)  # the text encoder may live on another device
+
+    def ico_context(self, embeddings, contexts):
+        slots = self.ico_positions
+        rows = []
+        for e, c in zip(embeddings, contexts):
+            values = [*c[: self.settings.ico_prefix_tokens], e, *c[self.settings.ico_prefix_tokens:]]
+            row = list(self.ico_tokens)
+            for position, value in zip(slots, values):
+                row[position] = value
+            rows.append(row)
+        with self._autocast():
+            return self.text(rows)[0].float().to(self.device)
+
+    def purecc_contexts(self):
+        return self._purecc_contexts
 
     def class_context(self):
         return self._class_context
@@ -236,14 +280,32 @@ class TrainingBackend:
                             transformer_options=self._options(state))
         return out.float()
 
+    def kv_delta(self, key: str):
+        """The K/V delta the current pass adds to ``key``'s weight (None: the base weight)."""
+        if self.kv_weights == "trained":
+            return self.params.kv_delta(key) if key in self.params.kv_keys else None
+        if self.kv_weights == "extractor":
+            return self.extractor_kv.get(key)
+        return None
+
+    @contextlib.contextmanager
+    def _weights(self, which: str):
+        self.kv_weights = which
+        try:
+            yield
+        finally:
+            self.kv_weights = "trained"
+
     def reference_features(self, x, timesteps, context):
         state = StepState(frozenset(self.params.rra_keys), None, 0, write=True)
-        self.kv_enabled = False
-        try:
+        with self._weights("base"):
             self._unet(x, timesteps, context, state)
-        finally:
-            self.kv_enabled = True
         return state.bank
+
+    def frozen_prediction(self, x, timesteps, context, weights):
+        state = StepState(frozenset(self.params.rra_keys), None, x.shape[0])  # no reference: RRA stays idle
+        with self._weights(weights), torch.no_grad():
+            return self._unet(x, timesteps, context, state)
 
     def predict(self, x, timesteps, context, reference, recorded_rows):
         state = StepState(frozenset(self.params.rra_keys), None, x.shape[0], bank=reference or {},
@@ -294,12 +356,14 @@ def training_data(model, vae, images, masks, class_images, settings, resolution:
                                  None if prior is None else prior.clone())
 
 
-def initial_parameters(model, clip, settings, resume=None) -> core.ConceptParameters:
+def initial_parameters(model, clip, settings, resume=None, photos: int = 0) -> core.ConceptParameters:
     """The trained tensors at step 0: both embeddings from ``settings.init_token``, zero K/V deltas,
-    RRA layers whose reference projections start as the layer's K/V and whose H_r is zero. With a
-    concept to resume from, its tensors."""
+    RRA layers whose reference projections start as the layer's K/V and whose H_r is zero, and with ICO
+    the contexts of ``photos`` photos (``ico_contexts``). With a concept to resume from, its tensors
+    (its ICO contexts when its training state kept them)."""
     if resume is not None:
-        return core.ConceptParameters.from_concept(resume)
+        params = core.ConceptParameters.from_concept(resume)
+        return _with_contexts(params, clip, settings, photos)
     diffusion_model = model.get_model_object("diffusion_model")
     kv = {}
     if settings.train_kv:
@@ -314,4 +378,40 @@ def initial_parameters(model, clip, settings, resume=None) -> core.ConceptParame
                                                                      weights[f"{layer.prefix}.attn1.to_v.weight"])
     init = tokens.vocabulary_row(clip, settings.init_token)
     with torch.inference_mode(False):
-        return core.ConceptParameters(init, init, kv, layers)
+        return _with_contexts(core.ConceptParameters(init, init, kv, layers), clip, settings, photos)
+
+
+def initial_contexts(clip, settings, photos: int) -> torch.Tensor:
+    """ICO's contexts at step 0, (3, photos, M + L, D): the prefix as the last M tokens of
+    ``ico_prefix_init`` (the first repeated when it has fewer), the suffix as the first L of
+    ``ico_suffix_init`` (the last repeated), the same for every branch and photo (the DCI/ICO code starts
+    every image's contexts from "a photo of a" and ". .")."""
+    m, n = settings.ico_prefix_tokens, settings.ico_suffix_tokens
+    parts = []
+    if m:
+        prefix = tokens.text_rows(clip, settings.ico_prefix_init)
+        parts.append(torch.cat([prefix[:1].expand(max(0, m - len(prefix)), -1), prefix[-m:]]))
+    if n:
+        suffix = tokens.text_rows(clip, settings.ico_suffix_init)
+        parts.append(torch.cat([suffix[:n], suffix[-1:].expand(max(0, n - len(suffix)), -1)]))
+    return torch.cat(parts)[None, None].expand(3, photos, -1, -1).clone()
+
+
+def _with_contexts(params: core.ConceptParameters, clip, settings, photos: int) -> core.ConceptParameters:
+    """``params`` with ICO's contexts as the settings want them: none when ICO is off, the resumed ones when
+    they fit, fresh ones otherwise."""
+    want = settings.ico_contexts
+    if not want:
+        params.contexts = None
+        return params
+    if photos < 1:
+        raise ValueError("ICO needs the number of photos to make their contexts")
+    kept = params.contexts
+    if kept is None or tuple(kept.shape[1:3]) != (photos, want):
+        if kept is not None:
+            raise ValueError(f"resume_from: its ICO contexts are for {kept.shape[1]} photos and {kept.shape[2]} "
+                             f"tokens, this run has {photos} photos and ico_prefix_tokens + ico_suffix_tokens = "
+                             f"{want}; resume with the same photos and ICO settings")
+        with torch.inference_mode(False):
+            params.contexts = torch.nn.Parameter(initial_contexts(clip, settings, photos))
+    return params

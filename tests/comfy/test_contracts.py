@@ -136,6 +136,9 @@ def test_tokens_contract(tiny, tmp_path):
     require(inner.embedding_identifier == "embedding:", "the embedding prefix is no longer 'embedding:'", "tokens.py")
     require("ktn" in inner.tokenizer.get_vocab(), "the CLIP vocabulary (tokenizer.get_vocab()) lacks 'ktn'",
             "tokens.py (vocabulary_id)")
+    ids = inner.tokenizer("a photo of a")["input_ids"]
+    require(ids[inner.tokens_start:-1] == [inner.tokenizer.get_vocab()[w + "</w>"] for w in ("a", "photo", "of", "a")],
+            f"tokenizer(text)['input_ids'] is no longer start, the text's tokens, end (got {ids})", "tokens.py (text_rows)")
     vector = torch.randn(1, 768)
     save_file({inner.embedding_key: vector}, str(tmp_path / "contract.safetensors"))
     copied = __import__("copy").copy(inner)
