@@ -5,10 +5,9 @@ from __future__ import annotations
 
 
 def node_list() -> list:
-    from . import concept, dci, frequency, grounding, metrics, prior, prompts, reference, sampler, subject, trainer
+    from . import compare, concept, dci, frequency, grounding, metrics, prior, prompts, reference, sampler, subject, trainer
     from .comfyui import folders
 
     folders.register()
     return [*frequency.NODES, *concept.NODES, *reference.NODES, *sampler.NODES, *subject.NODES, *prior.NODES,
-            *trainer.NODES,
-            *metrics.NODES, *prompts.NODES, *grounding.NODES, *dci.NODES]
+            *trainer.NODES, *metrics.NODES, *prompts.NODES, *grounding.NODES, *dci.NODES, *compare.NODES]
