@@ -78,8 +78,8 @@ OPTION_TOOLTIPS = {
     "ico_suffix_init": "ICO: the suffix contexts start as the first L tokens of this text (the authors: '.').",
     "purecc_weight": "PureCC's pure-learning loss, weight eta (0 = off; the authors: 2): the prediction for the "
     "concept prompt should equal the prediction for purecc_base_prompt plus lambda times the concept "
-    "direction of a frozen Stage-1 concept (connect it to the trainer's purecc_stage1). 3 extra UNet passes per "
-    "step, 1 with gradients.",
+    "direction of a frozen Stage-1 concept (connect it to the trainer's purecc_stage1). 3 extra UNet predictions "
+    "per photo row (1 with gradients when purecc_base is trained).",
     "purecc_lambda": "PureCC: lambda, the strength of the Stage-1 concept direction (the authors: 1).",
     "purecc_extractor": "PureCC: the extractor passes use the Stage-1 concept's K/V and token (concept, the paper) "
     "or only its token on the base weights (token_only, the authors' released code).",
