@@ -117,8 +117,10 @@ def prompts(g: Graph, text: str, title: str) -> str:
 
 
 def generate(g: Graph, ckpt: str, concept, reference, prompt_list: str, prefix: str, rra: bool = True,
-             seed_title: str = "param:seed,steps Equilibrated Sampler", size_node: str | None = None):
-    """Apply Concept -> (RRA Patch) -> CLIP Text Encode per prompt -> Equilibrated Sampler -> Save."""
+             seed_title: str = "param:seed,steps Equilibrated Sampler", size_node: str | None = None,
+             save: bool = True):
+    """Apply Concept -> (RRA Patch) -> CLIP Text Encode per prompt -> Equilibrated Sampler -> VAE Decode (-> Save);
+    returns the nodes Apply Concept, the prompt's encoding, the sampler and VAE Decode."""
     applied = g.add("EqDiffApplyConcept", "param:token Apply Concept", model=out(ckpt, 0), clip=out(ckpt, 1),
                     concept=concept, strength=1.0, token=TOKEN)
     model = out(applied, 0)
@@ -131,8 +133,9 @@ def generate(g: Graph, ckpt: str, concept, reference, prompt_list: str, prefix: 
     sampled = g.add("EqDiffEquilibratedSampler", seed_title, model=model, positive=out(positive), negative=out(negative),
                     latent_image=out(latent), seed=0, steps=50, cfg=7.5, eta=0.0)
     decoded = g.add("VAEDecode", "VAE Decode", samples=out(sampled), vae=out(ckpt, 2))
-    g.add("SaveImage", f"param:output Save {prefix}", images=out(decoded), filename_prefix=f"eqdiff/{prefix}")
-    return applied, positive, sampled
+    if save:
+        g.add("SaveImage", f"param:output Save {prefix}", images=out(decoded), filename_prefix=f"eqdiff/{prefix}")
+    return applied, positive, sampled, decoded
 
 
 def reference_photo(g: Graph, photos: str) -> list:
@@ -181,7 +184,7 @@ def fig5_reference_attention() -> dict:
     g = Graph()
     ckpt, concept, reference = saved_concept(g)
     ref_mask = g.add("LoadImageMask", "Reference subject mask", image=f"{SUBJECT}/masks/00.png", channel="red")
-    applied, positive, sampled = generate(g, ckpt, out(concept), out(reference),
+    applied, positive, sampled, _ = generate(g, ckpt, out(concept), out(reference),
                                           prompts(g, "a {} on the beach", "param:prompt Prompt"), "fig5")
     maps = g.add("EqDiffReferenceMaps", "Reference Attention Maps", model=out(applied, 0), concept=out(concept),
                  reference=out(reference), vae=out(ckpt, 2), positive=out(positive), latent=out(sampled),
@@ -206,10 +209,78 @@ def _variants(title: str, variants: dict[str, dict], prompt_text: str, prefix: s
     return g.nodes
 
 
+ICO = dict(ico_prefix_tokens=4, ico_suffix_tokens=2)  # the authors' M and L for ICO alone
+PURECC = dict(purecc_weight=2.0)  # eta as the authors' code; lambda 1 and the rest at their defaults
+
+
+
+def scored_column(g: Graph, applied: str, images: list, prompt_list: str, photos: str, label: str) -> list:
+    """The column's images as one batch, saved and scored with CLIP-T, CLIP-I and DINO-I against the photos."""
+    batch = out(g.add("RebatchImages", f"Rebatch {label}", images=images, batch_size=4096))
+    g.add("SaveImage", f"param:output Save {label}", images=batch, filename_prefix=f"eqdiff/fig6_{label}")
+    metrics = g.add("EqDiffMetrics", f"Metrics {label}", generated=batch, references=out(photos, 0),
+                    prompts=out(prompt_list, 1), concept_tokens=out(applied, 2), clip_model="clip-vit-base-patch32",
+                    dino_model="dino-vits16", preprocessing="custom_diffusion", clip_t_weight=2.5, device="auto",
+                    filename_prefix=f"eqdiff/fig6/{label}")
+    g.add("SaveImage", f"Save metrics {label}", images=out(metrics, 5), filename_prefix=f"eqdiff/fig6_metrics_{label}")
+    return batch
+
+
+def dci_generate(g: Graph, ckpt: str, concept, reference, prompt_list: str, latent: str) -> tuple[str, list]:
+    """Apply Concept -> RRA Patch -> DCI Guider per prompt -> SamplerCustomAdvanced (DDIM) -> VAE Decode."""
+    applied = g.add("EqDiffApplyConcept", "param:token Apply Concept (DCI)", model=out(ckpt, 0), clip=out(ckpt, 1),
+                    concept=concept, strength=1.0, token=TOKEN)
+    model = g.add("EqDiffRRAPatch", "RRA Patch (DCI)", model=out(applied, 0), concept=concept, reference=reference,
+                  vae=out(ckpt, 2), **rra_inputs())
+    guider = g.add("EqDiffDCIGuider", "DCI Guider", model=out(model), clip=out(applied, 1), prompt=out(prompt_list, 0),
+                   negative="", concept_words="", class_word=CLASS_WORD, aux_noun="", dci_lambda=0.0,
+                   dci_fraction=0.3, cfg=7.5, uncond="shared", aux_init="independent", aux_seed=0)
+    noise = g.add("RandomNoise", "param:seed Noise", noise_seed=0)
+    sampler = g.add("KSamplerSelect", "DDIM", sampler_name="ddim")
+    sigmas = g.add("BasicScheduler", "param:steps Schedule", model=out(model), scheduler="ddim_uniform", steps=50,
+                   denoise=1.0)
+    sampled = g.add("SamplerCustomAdvanced", "Sampler (DCI)", noise=out(noise), guider=out(guider),
+                    sampler=out(sampler), sigmas=out(sigmas), latent_image=out(latent))
+    g.add("SaveImage", "Save DCI weights", filename_prefix="eqdiff/fig6_dci_weights",
+          images=out(g.add("EqDiffDCIWeights", "DCI Integration Weights", guider=out(guider), samples=out(sampled))))
+    return applied, out(g.add("VAEDecode", "VAE Decode (DCI)", samples=out(sampled), vae=out(ckpt, 2)))
+
+
 def fig6_comparison() -> dict:
-    """Fig. 6: Custom Diffusion (the trainer with FDTE, MGDP and RRA off) beside EqDiff, same prompts and seeds."""
-    return _variants("Comparison", {"custom_diffusion": ABLATION["A_custom_diffusion"], "eqdiff": {}},
-                     UNSTYLIZED + "\n" + STYLIZED, "fig6")
+    """Fig. 6: the same subject, prompts and seed with Custom Diffusion, EqDiff, EqDiff + DCI, EqDiff trained
+    with ICO and PureCC (Custom Diffusion's setting with the pure-learning loss, its Stage 1 the Custom
+    Diffusion concept), side by side in a labelled grid, each column scored by the metrics node."""
+    g = Graph()
+    ckpt, photos = checkpoint(g), subject(g)
+    reference = reference_photo(g, photos)
+    latent = g.add("EmptyLatentImage", "param:size Empty Latent Image", width=512, height=512, batch_size=1)
+    prompt_list = prompts(g, UNSTYLIZED + "\n" + STYLIZED, "param:prompt Comparison prompts")
+    priors = class_images(g, ckpt)
+    cd_options = ABLATION["A_custom_diffusion"]
+    trained = {label: train(g, ckpt, photos, out(photos, 1), f"{NAME}_{label}", options, label, priors)
+               for label, options in (("custom_diffusion", cd_options), ("eqdiff", {}), ("eqdiff_ico", ICO))}
+    trained["purecc"] = train(g, ckpt, photos, out(photos, 1), f"{NAME}_purecc", {**cd_options, **PURECC}, "purecc",
+                              priors)
+    g.nodes[trained["purecc"]]["inputs"]["purecc_stage1"] = out(trained["custom_diffusion"])
+    columns = {}
+    for label in ("custom_diffusion", "eqdiff"):
+        applied, _, _, decoded = generate(g, ckpt, out(trained[label]), reference, prompt_list, label,
+                                          rra=label != "custom_diffusion", size_node=latent, save=False)
+        columns[label] = (applied, out(decoded))
+    columns["eqdiff_dci"] = dci_generate(g, ckpt, out(trained["eqdiff"]), reference, prompt_list, latent)
+    for label in ("eqdiff_ico", "purecc"):
+        applied, _, _, decoded = generate(g, ckpt, out(trained[label]), reference, prompt_list, label,
+                                          rra=label != "purecc", size_node=latent, save=False)
+        columns[label] = (applied, out(decoded))
+    batches = {label: scored_column(g, applied, images, prompt_list, photos, label)
+               for label, (applied, images) in columns.items()}
+    labels = {"custom_diffusion": "Custom Diffusion", "eqdiff": "EqDiff", "eqdiff_dci": "EqDiff + DCI",
+              "eqdiff_ico": "EqDiff + ICO", "purecc": "PureCC"}
+    grid = g.add("EqDiffComparisonGrid", "Comparison Grid", labels="\n".join(labels[k] for k in batches),
+                 row_labels=out(prompt_list, 1),
+                 **{f"column_{i}": batch for i, batch in enumerate(batches.values(), 1)})
+    g.add("SaveImage", "param:output Save comparison", images=out(grid), filename_prefix="eqdiff/fig6_comparison")
+    return g.nodes
 
 
 def fig8_ablation() -> dict:

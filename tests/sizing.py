@@ -4,6 +4,7 @@ them as inputs, the browser test as widget values)."""
 CPU_SIZED = {
     "EmptyLatentImage": {"width": 64, "height": 64},
     "EqDiffEquilibratedSampler": {"steps": 2},
+    "BasicScheduler": {"steps": 2},
     "EqDiffLoadSubject": {"size": 64},
     "EqDiffTrainerOptions": {"resolution": 64},
     "EqDiffClassImages": {"count": 2, "size": 64, "steps": 2, "batch_size": 2},
