@@ -3,7 +3,7 @@ killed, survived, reached by no test and timed out, the score, the date, the too
 mutant that was not killed with its diff, marked equivalent where the equivalence list says why.
 
 Run from the repository root with the mutation venv's Python (it reads mutmut's results in mutants/).
-Score: (killed + timeout) / (mutants - equivalent). A timeout is a mutant that made the tests run
+Score: (killed + timeout) / (mutants run - equivalent); mutants not run yet are counted apart. A timeout is a mutant that made the tests run
 far longer than without it (mutmut's limit: 15 x the tests' time + 1 s): a detected change.
 An entry of the equivalence list applies only while the mutant's changed lines are still the ones
 it names (``mutated``), so a stale entry shows up as a plain survivor.
@@ -50,12 +50,14 @@ def module_results(path: Path, equivalent: dict) -> tuple[dict, list[dict]]:
     total = sum(counts.values())
     n_equivalent = sum("equivalent" in e for e in listed)
     detected = sum(counts[s] for s in DETECTED)
+    tested = total - counts["not checked"] - n_equivalent
     summary = {
-        "mutants": total, "killed": counts["killed"], "timeout": counts["timeout"],
+        "mutants": total, "not_run": counts["not checked"], "killed": counts["killed"], "timeout": counts["timeout"],
         "survived": counts["survived"], "no_tests": counts["no tests"],
-        "other": {s: n for s, n in counts.items() if s not in ("killed", "timeout", "survived", "no tests")},
+        "other": {s: n for s, n in counts.items()
+                  if s not in ("killed", "timeout", "survived", "no tests", "not checked")},
         "equivalent": n_equivalent,
-        "score": round(detected / (total - n_equivalent), 4) if total > n_equivalent else None,
+        "score": round(detected / tested, 4) if tested > 0 else None,
     }
     return summary, listed
 
@@ -88,7 +90,7 @@ def main() -> None:
     for path in sorted(Path("eqdiff_core").glob("*.py")):
         if (Path("mutants") / (str(path) + ".meta")).exists():
             summary, listed = module_results(path, equivalent)
-            if summary["mutants"] > summary["other"].get("not checked", 0):  # a module that was run
+            if summary["mutants"] > summary["not_run"]:  # a module that was run, at least in part
                 modules[str(path)] = summary
                 not_killed += listed
     totals = Counter()
@@ -103,10 +105,12 @@ def main() -> None:
         "tool": f"mutmut {mutmut.__version__}",
         "tests": "tests/unit (the tests that reach each mutated function)",
         "commit": commit + ("+uncommitted changes in eqdiff_core/ or tests/unit/" if dirty else ""),
-        "score_definition": "(killed + timeout) / (mutants - equivalent)",
-        "total": {**{k: totals[k] for k in ("mutants", "killed", "timeout", "survived", "no_tests", "equivalent")},
-                  "score": round(detected / (totals["mutants"] - totals["equivalent"]), 4)
-                  if totals["mutants"] > totals["equivalent"] else None},
+        "score_definition": "(killed + timeout) / (mutants run - equivalent); not_run: mutants without a "
+                            "result yet (a run stopped by its time limit; scripts/mutation.sh --continue)",
+        "total": {**{k: totals[k] for k in ("mutants", "not_run", "killed", "timeout", "survived", "no_tests",
+                                            "equivalent")},
+                  "score": round(detected / (totals["mutants"] - totals["not_run"] - totals["equivalent"]), 4)
+                  if totals["mutants"] - totals["not_run"] > totals["equivalent"] else None},
         "modules": modules,
         "not_killed": not_killed,
     }
@@ -116,7 +120,7 @@ def main() -> None:
     tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     t = report["total"]
-    print(f"[mutation] {t['mutants']} mutants: {t['killed']} killed, {t['timeout']} timeout, {t['survived']} "
+    print(f"[mutation] {t['mutants']} mutants ({t['not_run']} not run): {t['killed']} killed, {t['timeout']} timeout, {t['survived']} "
           f"survived ({t['equivalent']} equivalent), {t['no_tests']} reached by no test; score {t['score']}")
     print(f"[mutation] report: {out}")
 
