@@ -19,6 +19,7 @@ latent and the recorded weights, made by ``sample`` and put into a copy of the g
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -217,7 +218,11 @@ class DCIGuider(comfy.samplers.CFGGuider):
         options["transformer_options"][STEP_KEY] = DCIStep(s, run, x_aux)
         positive, negative = self.conds.get("positive"), self.conds.get("negative")
         conds = [positive, negative, self.conds["auxiliary"]] + ([negative] if s.uncond == "separate" else [])
+        integrated = sum(run.counts.values())
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)
+        if sum(run.counts.values()) == integrated:
+            logging.warning("DCI Guider: the concept and auxiliary rows ran in separate UNet calls (ComfyUI splits "
+                            "a batch when memory is short), so DBIM was not applied at sigma %.4g", sigma)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out[:2] = fn({"conds": conds[:2], "conds_out": out[:2], "cond_scale": s.cfg, "timestep": timestep,
                           "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
