@@ -7,8 +7,8 @@ import torch
 
 import comfy.patcher_extension
 import comfy.samplers
-import nodes
 from comfy.ldm.modules import attention as comfy_attention
+from comfy_runs import encode, run
 from concept_factory import random_concept
 
 from comfy_env import pack_module
@@ -22,18 +22,6 @@ STEPS = 6
 WINDOW_STEPS = 2
 
 
-def node(name):
-    return nodes.NODE_CLASS_MAPPINGS[name]
-
-
-def run(name, **inputs):
-    with torch.inference_mode():
-        return node(name).execute(**inputs).result
-
-
-def encode(clip, text):
-    with torch.inference_mode():
-        return nodes.CLIPTextEncode().encode(clip, text)[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nodes
+from comfy_runs import encode, run
 from concept_factory import random_concept
 
 REF = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
@@ -15,18 +16,6 @@ RRA_DEFAULTS = dict(strength=1.0, start_percent=0.0, end_percent=1.0, reference_
                     rows="cond_uncond", layers="middle+output", cache=True)
 
 
-def node(name):
-    return nodes.NODE_CLASS_MAPPINGS[name]
-
-
-def run(name, **inputs):
-    with torch.inference_mode():
-        return node(name).execute(**inputs).result
-
-
-def encode(clip, text):
-    with torch.inference_mode():
-        return nodes.CLIPTextEncode().encode(clip, text)[0]
 
 
 def sample(model, clip, seed=1, steps=3, cfg=5.0, batch=1, size=64, prompt="a photo of <testconcept> dog"):

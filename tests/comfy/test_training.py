@@ -5,29 +5,8 @@ import os
 import pytest
 import torch
 
-from comfy_env import pack_module, use_comfy
-
-use_comfy()
-
-SIZE = 64
-
-
-def photos(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(n, SIZE, SIZE, 3, generator=g)
-    masks = torch.zeros(n, SIZE, SIZE)
-    masks[:, 16:48, 20:44] = 1.0
-    return images, masks
-
-
-def run_trainer(nodes, tiny, steps=2, **kw):
-    model, clip, vae = tiny
-    images, masks = kw.pop("photos", photos())
-    args = dict(model=model, clip=clip, vae=vae, images=images, masks=masks, class_word="dog", name="unit",
-                steps=steps, learning_rate=1e-3, batch_size=1, seed=0, precision="fp32",
-                gradient_checkpointing=False, preset="official", options={"resolution": SIZE})
-    args.update(kw)
-    return nodes["EqDiffFDTETrainer"].execute(**args).args
+from comfy_env import pack_module
+from comfy_runs import SIZE, photos, run_trainer
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,48 @@
+"""Running the pack's nodes in-process on the tiny checkpoint: the helpers the comfy tests share."""
+
+from __future__ import annotations
+
+import torch
+
+from comfy_env import use_comfy
+
+use_comfy()
+
+import nodes  # noqa: E402  (ComfyUI's nodes module, importable once use_comfy has run)
+
+SIZE = 64  # the photos' size and the trainer's resolution in these tests
+
+
+def node(name: str):
+    return nodes.NODE_CLASS_MAPPINGS[name]
+
+
+def run(name: str, **inputs):
+    """A node's result as the server computes it (under inference mode)."""
+    with torch.inference_mode():
+        return node(name).execute(**inputs).result
+
+
+def encode(clip, text: str):
+    with torch.inference_mode():
+        return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def photos(n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random (SIZE, SIZE) photos and masks holding the same box."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, SIZE, SIZE, 3, generator=g)
+    masks = torch.zeros(n, SIZE, SIZE)
+    masks[:, 16:48, 20:44] = 1.0
+    return images, masks
+
+
+def run_trainer(registered, tiny, steps: int = 2, **kw):
+    """The FDTE Trainer node's outputs for ``photos()`` (or ``photos=``) with fast settings; ``kw`` overrides."""
+    model, clip, vae = tiny
+    images, masks = kw.pop("photos", photos())
+    args = dict(model=model, clip=clip, vae=vae, images=images, masks=masks, class_word="dog", name="unit",
+                steps=steps, learning_rate=1e-3, batch_size=1, seed=0, precision="fp32",
+                gradient_checkpointing=False, preset="official", options={"resolution": SIZE})
+    args.update(kw)
+    return registered["EqDiffFDTETrainer"].execute(**args).args
