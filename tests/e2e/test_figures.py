@@ -13,6 +13,11 @@ from sizing import CPU_SIZED
 FIGURES = ["eqdiff_quickstart", "fig1_customization", "fig5_reference_attention", "fig6_comparison",
            "fig8_ablation", "fig9_fdte_probabilities"]
 
+# The maps of a concept trained for one step are uniform (its RRA gates start at zero, so M^f is 0
+# everywhere): a flat map is a right answer there, a flat generated image is not.
+FLAT_ALLOWED = {"EqDiffReferenceMaps"}
+
+
 def cpu_sized(prompt: dict, prefix: str) -> dict:
     for node in prompt.values():
         node["inputs"].update(CPU_SIZED.get(node["class_type"], {}))
@@ -41,4 +46,6 @@ def test_figure_workflow_runs_on_the_tiny_models(server, name):
         image = np.asarray(Image.open(files[0]))
         # a picture, not a blank: 8-bit RGB(A) with more than one colour (a NaN decodes to a flat image)
         assert image.ndim == 3 and image.shape[2] in (3, 4) and image.dtype == np.uint8
+        if prompt[prompt[node_id]["inputs"]["images"][0]]["class_type"] in FLAT_ALLOWED:
+            continue
         assert len(np.unique(image.reshape(-1, image.shape[2]), axis=0)) > 1, f"{name}: node {node_id} saved a flat image"
