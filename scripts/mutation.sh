@@ -11,7 +11,6 @@
 # surviving mutant with its diff, marked equivalent where scripts/mutation_equivalent.json says why.
 # Setup: .mutation/venv (mutmut from the package registry, the test venv's packages through a .pth
 # file), so the test venv is left as it is; no network after that. mutmut works in mutants/ (ignored).
-# On a shared machine, wrap each call in the heavy-test lock (flock /tmp/eqdiff-heavy.lock ...).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MUTMUT_VERSION=3.8.1
