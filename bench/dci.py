@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts"), str(REPO), str(REPO / "bench")]
 
-from comfy_env import PACK_DIR, use_comfy  # noqa: E402
+from comfy_env import PACK_DIR, pack_module, use_comfy  # noqa: E402
 from sd15 import build_model  # noqa: E402
 
 
@@ -43,8 +43,8 @@ def main() -> None:
     import nodes
 
     asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
-    guiders = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.nodes.comfyui.guiders"))
-    sampling = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.nodes.comfyui.sampling"))
+    guiders = pack_module("nodes.comfyui.guiders")
+    sampling = pack_module("nodes.comfyui.sampling")
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
     if args.tiny:

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts"), str(REPO), str(REPO / "bench")]
 
-from comfy_env import PACK_DIR, use_comfy  # noqa: E402
+from comfy_env import PACK_DIR, pack_module, use_comfy  # noqa: E402
 from sd15 import build_model  # noqa: E402
 
 def main() -> None:
@@ -44,8 +44,8 @@ def main() -> None:
     asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
     from concept_factory import model_shapes, random_concept
 
-    pack = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.nodes.comfyui.attention"))
-    weights = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.nodes.comfyui.weights"))
+    pack = pack_module("nodes.comfyui.attention")
+    weights = pack_module("nodes.comfyui.weights")
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
     if args.tiny:

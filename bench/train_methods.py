@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts"), str(REPO), str(REPO / "bench")]
 
-from comfy_env import PACK_DIR, use_comfy  # noqa: E402
+from comfy_env import PACK_DIR, pack_module, use_comfy  # noqa: E402
 
 CONFIGS = {
     "plain": {},
@@ -49,8 +49,8 @@ def main() -> None:
     from sd15 import build_model
 
     asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
-    comfy_training = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.nodes.comfyui.training"))
-    training = next(m for name, m in sys.modules.items() if name.endswith("eqdiff-nodes.eqdiff_core.training"))
+    comfy_training = pack_module("nodes.comfyui.training")
+    training = pack_module("eqdiff_core.training")
     cuda = torch.cuda.is_available()
     tiny_model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint("eqdiff_tiny_sd15.safetensors")[:3]
     model = tiny_model if args.tiny else build_model(torch.float16 if cuda else torch.float32)
