@@ -206,31 +206,40 @@ def checkpoint_value(args) -> tuple[str | None, dict]:
     return args.checkpoint, {}
 
 
+def prepare(args) -> tuple[list[dict], RequestMaker, Manifest, dict, dict]:
+    """Everything checked and planned before a worker starts: the jobs, the request maker with the values
+    of the options, the manifest, the model folders for the servers and the run's description."""
+    subjects, classes = check_subjects(args)
+    sample, train = read_workflows(args)
+    prompt_list = P.uses_prompt_list(sample.nodes, sample.params)
+    sets = check_prompts(args, subjects, classes, prompt_list)
+    check_metric_models(args)
+    jobs = plan.plan_jobs(subjects, classes, sets, args.seeds, args.token, prompt_list, train=train is not None)
+    checkpoint, model_folders = checkpoint_value(args)
+    given = {"checkpoint": checkpoint, "steps": args.steps, "size": args.size, "train_steps": args.train_steps,
+             "train_size": args.train_size, "train_precision": args.train_precision,
+             "class_images": args.class_images}
+    settings = {"workflow": sample.digest(), "train_workflow": train.digest() if train else None,
+                "concepts": str(args.concepts.resolve()) if args.concepts else None, "concept": args.concept,
+                "token": args.token, "name": args.name, "reference_index": args.reference_index, **given}
+    manifest = Manifest.open(args.out, settings)
+    maker = RequestMaker(args.out, args.subjects, sample, train, {k: v for k, v in given.items() if v is not None},
+                         args.concept, args.name, args.reference_index, args.timeout)
+    info = {"subjects": subjects, "classes": classes, "sets": sets, "sample": sample, "train": train,
+            "settings": settings}
+    return jobs, maker, manifest, model_folders, info
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        subjects, classes = check_subjects(args)
-        sample, train = read_workflows(args)
-        prompt_list = P.uses_prompt_list(sample.nodes, sample.params)
-        sets = check_prompts(args, subjects, classes, prompt_list)
-        check_metric_models(args)
-        jobs = plan.plan_jobs(subjects, classes, sets, args.seeds, args.token, prompt_list, train=train is not None)
-        checkpoint, model_folders = checkpoint_value(args)
-        given = {"checkpoint": checkpoint, "steps": args.steps, "size": args.size, "train_steps": args.train_steps,
-                 "train_size": args.train_size, "train_precision": args.train_precision,
-                 "class_images": args.class_images}
-        settings = {"workflow": sample.digest(), "train_workflow": train.digest() if train else None,
-                    "concepts": str(args.concepts.resolve()) if args.concepts else None, "concept": args.concept,
-                    "token": args.token, "name": args.name, "reference_index": args.reference_index, **given}
-        manifest = Manifest.open(args.out, settings)
+        jobs, maker, manifest, model_folders, planned = prepare(args)
     except RunnerError as err:
         print(f"[run_figure] {err}", file=sys.stderr)
         return 2
-    maker = RequestMaker(args.out, args.subjects, sample, train, {k: v for k, v in given.items() if v is not None},
-                         args.concept, args.name, args.reference_index, args.timeout)
     if any(not manifest.done(j) for j in jobs):
         try:
-            info = run_info(args, subjects, classes, sets, sample, train, settings)
+            info = run_info(args, **planned)
             counts = run_on_ray(args, maker, manifest, jobs, model_folders, info)
         except RunnerError as err:
             print(f"[run_figure] {err}", file=sys.stderr)
@@ -251,7 +260,7 @@ def main(argv=None) -> int:
     else:
         print(f"[run_figure] all {len(jobs)} jobs are done")
     if not args.no_metrics:
-        write_results(args, manifest, jobs, classes)
+        write_results(args, manifest, jobs, planned["classes"])
     return 0
 
 

@@ -130,3 +130,70 @@ def test_bad_arguments_stop_the_run_before_anything_starts(tmp_path, capsys):
     assert cli.main(base[:-2] + ["--workflow", str(tmp_path / "missing.json")]) == 2
     assert "--workflow: " in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def by_type(prompt: dict) -> dict[str, dict]:
+    return {n["class_type"]: n["inputs"] for n in prompt.values()}
+
+
+def test_every_option_reaches_the_node_it_names(tmp_path):
+    """--table1 with every value option: the shipped train.json and table1_metrics.json as the workers get
+    them (the expected values are the options given below, and the paper's list for each subject)."""
+    subjects = tmp_path / "subjects"
+    for subject in ("cat2", "teapot", "dog"):
+        (subjects / subject / "masks").mkdir(parents=True)
+        for i in range(3):
+            (subjects / subject / f"{i:02d}.jpg").write_bytes(f"{subject} photo {i}".encode())
+        (subjects / subject / "masks" / "01.png").write_bytes(b"mask")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("subject_name,class\ncat2,cat\nteapot,teapot\ndog,dog\n")
+    options = ["--table1", "--subjects", str(subjects), "--subset", "teapot", "cat2", "--classes", str(classes),
+               "--seeds", "3", "5", "--checkpoint", "v1-5.safetensors", "--steps", "7", "--size", "320",
+               "--concept", "{subject}_v2.safetensors", "--token", "[{subject}]", "--name", "eq_{subject}",
+               "--train-steps", "11", "--train-size", "384", "--train-precision", "fp32", "--class-images", "9",
+               "--reference-index", "2", "--no-metrics", "--out", str(tmp_path / "out")]
+    jobs, maker, manifest, model_folders, _ = cli.prepare(cli.parse_args(options))
+    assert model_folders == {}, "a checkpoint given by name is left to the servers' own folders"
+    assert [j["id"] for j in jobs] == ["teapot/train", "cat2/train"] + [
+        f"{s}/{p}/all_s{seed}" for s in ("teapot", "cat2") for p in ("unstylized", "stylized") for seed in (3, 5)]
+
+    inputs = cli.Inputs(store=bytes)
+    train = maker.request(jobs[1], inputs)
+    nodes = by_type(train["prompt"])
+    assert nodes["CheckpointLoaderSimple"]["ckpt_name"] == "v1-5.safetensors"
+    assert (nodes["EqDiffLoadSubject"]["folder"], nodes["EqDiffLoadSubject"]["size"]) == ("eqdiff_runner/cat2", 384)
+    assert nodes["EqDiffTrainerOptions"]["resolution"] == 384
+    trainer = nodes["EqDiffFDTETrainer"]
+    assert (trainer["class_word"], trainer["name"], trainer["steps"], trainer["precision"]) == ("cat", "eq_cat2", 11, "fp32")
+    assert nodes["EqDiffSaveConcept"]["name"] == "eq_cat2" and nodes["EqDiffSaveConcept"]["overwrite"] is True
+    assert {k: nodes["EqDiffClassImages"][k] for k in ("class_prompt", "count", "size", "steps")} == {
+        "class_prompt": "cat", "count": 9, "size": 384, "steps": 7}
+    assert train["concept"] == "eq_cat2.safetensors"
+    assert sorted((u["subfolder"], u["name"], u["data"]) for u in train["uploads"]) == [
+        ("eqdiff_runner/cat2", f"{i:02d}.jpg", f"cat2 photo {i}".encode()) for i in range(3)] + [
+        ("eqdiff_runner/cat2/masks", "01.png", b"mask")]
+
+    # the trained concept is stored under --concept's name and rides along with the subject's samples
+    manifest.record(maker.store(jobs[1], {"prompt_id": "p", "seconds": 1.0, "worker": "w", "concept": b"concept bytes"}))
+    assert (tmp_path / "out" / "concepts" / "cat2_v2.safetensors").read_bytes() == b"concept bytes"
+    inputs.concept("cat2", b"concept bytes", "cat2_v2.safetensors")
+    stylized = maker.request(next(j for j in jobs if j["id"] == "cat2/stylized/all_s5"), inputs)
+    nodes = by_type(stylized["prompt"])
+    assert nodes["EqDiffLoadConcept"]["concept_name"] == "cat2_v2.safetensors"
+    assert nodes["EqDiffApplyConcept"]["token"] == "[cat2]"
+    assert nodes["LoadImage"]["image"] == "eqdiff_runner/cat2/02.jpg", "--reference-index 2: the third photo"
+    assert (nodes["EmptyLatentImage"]["width"], nodes["EmptyLatentImage"]["height"]) == (320, 320)
+    assert (nodes["EqDiffEquilibratedSampler"]["seed"], nodes["EqDiffEquilibratedSampler"]["steps"]) == (5, 7)
+    assert nodes["CheckpointLoaderSimple"]["ckpt_name"] == "v1-5.safetensors"
+    prompt_list = nodes["EqDiffPromptList"]
+    assert (prompt_list["list"], prompt_list["subject"]) == ("custom", "[cat2] cat")
+    assert prompt_list["custom_prompts"].splitlines() == plan.read_prompts(cli.PAPER_PROMPTS / "prompt_style.txt")
+    assert nodes["SaveImage"]["filename_prefix"] == "eqdiff_runner/cat2_stylized_all_s5"
+    assert ("eqdiff_concepts", "cat2_v2.safetensors") in {(u["subfolder"], u["name"]) for u in stylized["uploads"]}
+    teapot = by_type(maker.request(next(j for j in jobs if j["id"] == "teapot/unstylized/all_s3"), inputs)["prompt"])
+    assert teapot["EqDiffPromptList"]["custom_prompts"].splitlines() == plan.read_prompts(
+        cli.PAPER_PROMPTS / "prompt_nolive.txt"), "an object gets the nolive list"
+
+    # the run folder now holds a result made with these options: another token is refused there
+    with pytest.raises(P.RunnerError, match=r"other settings \(token\)"):
+        cli.prepare(cli.parse_args([o if o != "[{subject}]" else "<{subject}>" for o in options]))
