@@ -17,5 +17,5 @@ rc=0
 EQDIFF_EXPECT_TRANSFORMERS=4 "${PYTEST[@]}" tests || rc=$?
 echo "[test] grounding tests under transformers 5.x ($ENV_DIR/tf5)"
 EQDIFF_EXPECT_TRANSFORMERS=5 PYTHONPATH="$ENV_DIR/tf5${PYTHONPATH:+:$PYTHONPATH}" \
-  "${PYTEST[@]}" tests/unit/test_grounding.py tests/comfy/test_grounding.py || rc=$?
+  "${PYTEST[@]}" tests/unit/test_grounding.py tests/unit/test_grounding_models.py tests/comfy/test_grounding.py || rc=$?
 exit $rc

@@ -21,6 +21,7 @@ import torch
 
 from comfy_env import REPO
 from eqdiff_core import grounding as core
+from grounding_files import assert_matches_reference, factory_files, reference
 
 FACTORY = REPO / "tests" / "grounding_factory.py"
 DEFAULTS = dict(prompt="cat . red dog", box_threshold=0.3, text_threshold=0.25, boxes="all", dilate=0, feather=0.0,
@@ -75,16 +76,9 @@ def test_network_guard_catches_connections():
 
 # -- checkpoints from the original libraries -----------------------------------------------------
 @pytest.fixture(scope="session")
-def files(tmp_path_factory) -> Path:
+def files() -> Path:
     """Small original-format checkpoints, a BERT folder, reference outputs and real-size shapes."""
-    out = tmp_path_factory.mktemp("grounding")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the 4.x venv, never an overlay
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run([sys.executable, str(FACTORY), str(out), "--shapes"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    shutil.move(str(out / "bert"), str(out / "grounding-dino" / core.BERT_FOLDER))
-    return out
+    return factory_files()
 
 
 @pytest.fixture(scope="session")
@@ -186,21 +180,9 @@ def test_pth_and_safetensors_load_the_same_weights(folders, loader):
 
 
 def test_outputs_match_the_original_implementations(folders, models):
-    """Same weights, same inputs: transformers' models under our key mapping reproduce the original
-    groundingdino-py and segment-anything outputs."""
-    ref = torch.load(folders / "reference.pt", weights_only=True)
-    ids, owner = core.tokenize_phrases(models.dino.tokenizer, core.parse_phrases(ref["caption"]))
-    assert ids[0].tolist() == ref["input_ids"].tolist()
+    """The models as the loader node gives them (its device and dtype choice, model management)."""
     models.load()
-    probs, boxes = core.dino_forward(models.dino, ref["pixels"], ids)
-    t = ids.shape[1]
-    assert (probs.cpu() - ref["dino_probs"][..., :t]).abs().max() < 1e-3
-    assert (boxes.cpu() - ref["dino_boxes"]).abs().max() < 1e-3
-    emb = core.sam_embeddings(models.sam, ref["sam_pixels"]).float().cpu()
-    assert (emb - ref["sam_embeddings"]).abs().max() < 2e-3 * max(1.0, ref["sam_embeddings"].abs().max().item())
-    low, iou = core.sam_decode(models.sam, emb, ref["sam_boxes"])
-    assert (low.cpu() - ref["sam_low_res"][:, 0]).abs().max() < 2e-2 * max(1.0, ref["sam_low_res"].abs().max().item())
-    assert ((low.cpu() > 0) != (ref["sam_low_res"][:, 0] > 0)).float().mean() < 0.01
+    assert_matches_reference(core, models.dino, models.sam, reference(folders))
 
 
 # -- the mask node -------------------------------------------------------------------------------
@@ -357,85 +339,6 @@ def test_missing_bert_folder_says_where_and_what(folders, extra_folder, loader):
     msg = str(err.value)
     assert "config.json" in msg and "vocab.txt" in msg and core.BERT_FOLDER in msg
     assert str(extra_folder / "grounding-dino") in msg and folder_paths.models_dir in msg
-
-
-def test_bert_folder_checks(folders, tmp_path):
-    state = core.read_checkpoint(folders / "grounding-dino" / "tiny_swint.safetensors")
-    bert = tmp_path / core.BERT_FOLDER
-    shutil.copytree(folders / "grounding-dino" / core.BERT_FOLDER, bert)
-    vocab = (bert / "vocab.txt").read_text().splitlines()
-    vocab[101], vocab[102] = vocab[102], vocab[101]
-    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (bert / extra).unlink(missing_ok=True)
-    with pytest.raises(ValueError, match="not bert-base-uncased's"):
-        core.build_dino(state, [tmp_path])
-    cfg = json.loads((bert / "config.json").read_text())
-    shutil.copytree(folders / "grounding-dino" / core.BERT_FOLDER, tmp_path / "b2" / core.BERT_FOLDER)
-    (tmp_path / "b2" / core.BERT_FOLDER / "config.json").write_text(json.dumps({**cfg, "hidden_size": 768}))
-    with pytest.raises(ValueError, match="hidden_size 768"):
-        core.build_dino(state, [tmp_path / "b2"])
-    no_bert = {k: v for k, v in state.items() if not k.startswith("bert.")}  # weights from the folder instead
-    dino = core.build_dino(no_bert, [folders / "grounding-dino"])
-    assert not dino.spec.has_bert
-
-
-# -- real-size variants: architecture and key mapping, on meta tensors ---------------------------
-@pytest.fixture(scope="session")
-def real_shapes(files):
-    return json.loads((files / "shapes.json").read_text())
-
-
-def _meta(shapes: dict) -> dict:
-    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
-
-
-def _assert_fits(model, converted):
-    expected = model.state_dict()
-    converted = core.fit_names(converted, expected)
-    skip = ("relative_position_index", "position_ids", "token_type_ids", "special_tokens", "swin.layernorm")
-    missing = [k for k in expected if k not in converted and not any(s in k for s in skip)]
-    wrong = [k for k, v in expected.items() if k in converted and tuple(converted[k].shape) != tuple(v.shape)]
-    assert not missing and not wrong, (missing[:5], wrong[:5])
-
-
-@pytest.mark.parametrize("variant,name,layers,globals_", [
-    ("vit_h", "ViT-H", 32, [7, 15, 23, 31]), ("vit_l", "ViT-L", 24, [5, 11, 17, 23]), ("vit_b", "ViT-B", 12, [2, 5, 8, 11])])
-def test_sam_variants_from_weights(real_shapes, variant, name, layers, globals_):
-    from transformers import SamModel
-
-    state = _meta(real_shapes[f"sam_{variant}"])
-    spec = core.sam_spec(state)
-    assert (spec.variant, spec.num_layers, spec.global_attn_indexes, spec.window_size) == (name, layers, globals_, 14)
-    with torch.device("meta"):
-        model = SamModel(spec.config())
-    _assert_fits(model, core.convert_sam_state(state))
-
-
-@pytest.mark.parametrize("backbone,name,window,heads", [
-    ("swin_T_224_1k", "Swin-T", 7, (3, 6, 12, 24)), ("swin_B_384_22k", "Swin-B", 12, (4, 8, 16, 32))])
-def test_dino_variants_from_weights(real_shapes, files, backbone, name, window, heads):
-    from transformers import GroundingDinoForObjectDetection
-
-    tiny = core.read_checkpoint(files / "grounding-dino" / "tiny_swint.safetensors")
-    state = {k: v for k, v in tiny.items() if not k.startswith("backbone.0.")} | _meta(real_shapes[backbone])
-    embed = state["backbone.0.patch_embed.proj.weight"].shape[0]
-    for i, channels in enumerate((embed * 2, embed * 4, embed * 8, embed * 8)):  # the projections of its stages
-        w = state[f"input_proj.{i}.0.weight"]
-        state[f"input_proj.{i}.0.weight"] = torch.empty(w.shape[0], channels, *w.shape[2:], device="meta")
-    spec = core.dino_spec(state)
-    assert (spec.variant, spec.window_size, spec.num_heads) == (name, window, heads)
-    text = json.loads((files / "grounding-dino" / core.BERT_FOLDER / "config.json").read_text())
-    with torch.device("meta"):
-        model = GroundingDinoForObjectDetection(spec.config(text))
-    _assert_fits(model, core.convert_dino_state(state, spec))
-
-
-def test_a_file_of_another_kind_is_named(real_shapes):
-    with pytest.raises(ValueError, match="looks like a GroundingDINO"):
-        core.sam_spec({"transformer.level_embed": torch.empty(4, 256)})
-    with pytest.raises(ValueError, match="not an original SAM"):
-        core.sam_spec(_meta(real_shapes["swin_T_224_1k"]))
 
 
 # -- real sizes on the GPU -----------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""eqdiff_core.grounding's models without ComfyUI: GroundingDINO and SAM checkpoints written by the
+original libraries (tests/grounding_factory.py: groundingdino-py's SwinT_OGC config with 1 encoder and 2
+decoder layers, 12 queries, FFN 512, a 32-wide BERT; segment-anything's ViT with embed 64, depth 2, global
+attention at block 1) read, converted and run by the core, and held to those libraries' outputs.
+Runs under transformers 4.x and 5.x (scripts/test.sh)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from eqdiff_core import grounding as core
+from grounding_files import assert_matches_reference, factory_files, reference
+
+
+@pytest.fixture(scope="module")
+def files():
+    return factory_files()
+
+
+@pytest.fixture(scope="module")
+def dino_state(files):
+    return core.read_checkpoint(files / "grounding-dino" / "tiny_swint.pth")
+
+
+@pytest.fixture(scope="module")
+def sam_state(files):
+    return core.read_checkpoint(files / "sams" / "tiny_vit.safetensors")
+
+
+@pytest.fixture(scope="module")
+def dino(files, dino_state):
+    return core.build_dino(dino_state, [files / "missing", files / "grounding-dino"])
+
+
+@pytest.fixture(scope="module")
+def sam(sam_state):
+    return core.build_sam(sam_state)
+
+
+def test_the_core_models_reproduce_the_original_implementations(files, dino, sam):
+    assert_matches_reference(core, dino, sam, reference(files))
+
+
+def test_the_architecture_is_read_from_the_weights(dino, sam):
+    spec = dino.spec
+    assert (spec.variant, spec.embed_dim, spec.depths, spec.num_heads, spec.window_size) == (
+        "Swin-T", 96, (2, 2, 6, 2), (3, 6, 12, 24), 7)  # SwinT_OGC's backbone
+    assert (spec.encoder_layers, spec.decoder_layers, spec.num_queries, spec.encoder_ffn_dim) == (1, 2, 12, 512)
+    assert (spec.d_model, spec.num_feature_levels, spec.text_hidden, spec.has_bert) == (256, 4, 32, True)
+    assert (sam.spec.hidden_size, sam.spec.num_layers, sam.spec.global_attn_indexes) == (64, 2, [1])
+    assert not dino.model.training and not any(p.requires_grad for p in dino.model.parameters())
+    assert not sam.model.training and not any(p.requires_grad for p in sam.model.parameters())
+
+
+def test_pth_and_safetensors_hold_the_same_tensors(files, dino_state):
+    other = core.read_checkpoint(files / "grounding-dino" / "tiny_swint.safetensors")
+    assert other.keys() == dino_state.keys()
+    assert all(torch.equal(other[k], dino_state[k]) for k in other)
+
+
+def test_a_checkpoint_with_a_missing_or_misshapen_tensor_is_refused_by_name(sam_state, dino_state, files):
+    missing = {k: v for k, v in sam_state.items() if k != "mask_decoder.iou_prediction_head.layers.0.weight"}
+    with pytest.raises(core.GroundingError, match=r"my_sam.pth does not fit the SAM .*missing .*iou_prediction_head"):
+        core.build_sam(missing, "my_sam.pth")
+    key = "transformer.decoder.layers.1.linear1.weight"
+    bent = {**dino_state, key: dino_state[key][:, :-1]}
+    with pytest.raises(core.GroundingError, match=r"the file does not fit the GroundingDINO Swin-T architecture read from it: "
+                       r"model\.decoder\.layers\.1\.fc1\.weight \(512, 255\) \(expected \(512, 256\)\)"):
+        core.build_dino(bent, [files / "grounding-dino"])
+
+
+def test_grounded_masks_keep_the_batch_and_union_the_boxes(dino, sam):
+    """SAM runs at 1024 px whatever the image size, so this test keeps to five SAM passes."""
+    images = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    seen = []
+    masks, detections = core.grounded_masks(dino, sam, images, "cat . red dog", 0.0, 0.0, best_only=True,
+                                            detect_size=128, on_image=seen.append)
+    assert masks.shape == (2, 96, 128) and masks.dtype == torch.bool and seen == [0, 1]
+    assert [d.boxes.shape for d in detections] == [(1, 4)] * 2 and [d.scores.shape for d in detections] == [(1,)] * 2
+    assert torch.equal(masks[1], core.segment(sam, images[1], detections[1].boxes)), "SAM's mask for the kept box"
+    alone, alone_dets = core.grounded_masks(dino, sam, images[1:], "cat . red dog", 0.0, 0.0, best_only=True,
+                                            detect_size=128)
+    assert torch.equal(alone[0], masks[1]) and torch.equal(alone_dets[0].boxes, detections[1].boxes), \
+        "an image's mask does not depend on its place in the batch"
+    every, every_dets = core.grounded_masks(dino, sam, images[:1], "cat . red dog", 0.0, 0.0, detect_size=128)
+    assert every_dets[0].boxes.shape[0] == dino.spec.num_queries, "threshold 0 keeps every query's box"
+    assert (every[0] >= masks[0]).all() and every[0].sum() > masks[0].sum(), "the union of all boxes' masks"
+    none, nothing = core.grounded_masks(dino, sam, images, "cat", 1.01, 0.0, detect_size=128)
+    assert not none.any() and all(d.boxes.shape[0] == 0 for d in nothing), "no score exceeds 1: nothing kept"
+    assert not core.segment(sam, images[0], torch.zeros(0, 4)).any()
+
+
+def test_bert_folder_checks(files, tmp_path):
+    state = core.read_checkpoint(files / "grounding-dino" / "tiny_swint.safetensors")
+    bert = tmp_path / core.BERT_FOLDER
+    shutil.copytree(files / "grounding-dino" / core.BERT_FOLDER, bert)
+    vocab = (bert / "vocab.txt").read_text().splitlines()
+    vocab[101], vocab[102] = vocab[102], vocab[101]
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bert / extra).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="not bert-base-uncased's"):
+        core.build_dino(state, [tmp_path])
+    cfg = json.loads((bert / "config.json").read_text())
+    shutil.copytree(files / "grounding-dino" / core.BERT_FOLDER, tmp_path / "b2" / core.BERT_FOLDER)
+    (tmp_path / "b2" / core.BERT_FOLDER / "config.json").write_text(json.dumps({**cfg, "hidden_size": 768}))
+    with pytest.raises(ValueError, match="hidden_size 768"):
+        core.build_dino(state, [tmp_path / "b2"])
+    no_bert = {k: v for k, v in state.items() if not k.startswith("bert.")}  # weights from the folder instead
+    dino = core.build_dino(no_bert, [files / "grounding-dino"])
+    assert not dino.spec.has_bert
+
+
+# -- real-size variants: architecture and key mapping, on meta tensors ---------------------------
+@pytest.fixture(scope="module")
+def real_shapes(files):
+    return json.loads((files / "shapes.json").read_text())
+
+
+def _meta(shapes: dict) -> dict:
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+def _assert_fits(model, converted):
+    expected = model.state_dict()
+    converted = core.fit_names(converted, expected)
+    skip = ("relative_position_index", "position_ids", "token_type_ids", "special_tokens", "swin.layernorm")
+    missing = [k for k in expected if k not in converted and not any(s in k for s in skip)]
+    wrong = [k for k, v in expected.items() if k in converted and tuple(converted[k].shape) != tuple(v.shape)]
+    assert not missing and not wrong, (missing[:5], wrong[:5])
+
+
+@pytest.mark.parametrize("variant,name,layers,globals_", [
+    ("vit_h", "ViT-H", 32, [7, 15, 23, 31]), ("vit_l", "ViT-L", 24, [5, 11, 17, 23]), ("vit_b", "ViT-B", 12, [2, 5, 8, 11])])
+def test_sam_variants_from_weights(real_shapes, variant, name, layers, globals_):
+    from transformers import SamModel
+
+    state = _meta(real_shapes[f"sam_{variant}"])
+    spec = core.sam_spec(state)
+    assert (spec.variant, spec.num_layers, spec.global_attn_indexes, spec.window_size) == (name, layers, globals_, 14)
+    with torch.device("meta"):
+        model = SamModel(spec.config())
+    _assert_fits(model, core.convert_sam_state(state))
+
+
+@pytest.mark.parametrize("backbone,name,window,heads", [
+    ("swin_T_224_1k", "Swin-T", 7, (3, 6, 12, 24)), ("swin_B_384_22k", "Swin-B", 12, (4, 8, 16, 32))])
+def test_dino_variants_from_weights(real_shapes, files, backbone, name, window, heads):
+    from transformers import GroundingDinoForObjectDetection
+
+    tiny = core.read_checkpoint(files / "grounding-dino" / "tiny_swint.safetensors")
+    state = {k: v for k, v in tiny.items() if not k.startswith("backbone.0.")} | _meta(real_shapes[backbone])
+    embed = state["backbone.0.patch_embed.proj.weight"].shape[0]
+    for i, channels in enumerate((embed * 2, embed * 4, embed * 8, embed * 8)):  # the projections of its stages
+        w = state[f"input_proj.{i}.0.weight"]
+        state[f"input_proj.{i}.0.weight"] = torch.empty(w.shape[0], channels, *w.shape[2:], device="meta")
+    spec = core.dino_spec(state)
+    assert (spec.variant, spec.window_size, spec.num_heads) == (name, window, heads)
+    text = json.loads((files / "grounding-dino" / core.BERT_FOLDER / "config.json").read_text())
+    with torch.device("meta"):
+        model = GroundingDinoForObjectDetection(spec.config(text))
+    _assert_fits(model, core.convert_dino_state(state, spec))
+
+
+def test_a_file_of_another_kind_is_named(real_shapes):
+    with pytest.raises(ValueError, match="looks like a GroundingDINO"):
+        core.sam_spec({"transformer.level_embed": torch.empty(4, 256)})
+    with pytest.raises(ValueError, match="not an original SAM"):
+        core.sam_spec(_meta(real_shapes["swin_T_224_1k"]))
+
+
