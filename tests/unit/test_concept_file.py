@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -36,9 +37,19 @@ def test_failed_save_keeps_the_previous_file(tmp_path):
     before = open(path, "rb").read()
     bad = make(seed=2)
     bad.token_hf[0] = float("nan")
-    with pytest.raises(cio.ConceptError, match="NaN"):
+    with pytest.raises(cio.ConceptError, match="^" + re.escape(  # the message names the file being written
+            f"{path}: tensor token.hf holds NaN or infinite values; the training that wrote it diverged. Use an "
+            f"earlier save or retrain with a lower learning rate.") + "$"):
         cio.save(bad, path)
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["c.safetensors"]
+
+
+def test_save_keeps_the_training_state_unless_told_not_to(tmp_path):
+    c = make()
+    c.training_state = {"step": torch.tensor([7.0])}
+    path = str(tmp_path / "c.safetensors")
+    assert torch.equal(cio.load(cio.save(c, path)).training_state["step"], torch.tensor([7.0]))  # the default: kept
+    assert cio.load(cio.save(c, path, with_training_state=False)).training_state == {}
 
 
 def test_missing_and_truncated_files(tmp_path):
@@ -93,6 +104,21 @@ def test_check_fits_names_the_mismatch():
         cio.check_fits(c, 24, shapes, {"output.1.0": 16})
     with pytest.raises(cio.ConceptError, match="output.1.0 is 16 wide, this model's self-attention there is 8"):
         cio.check_fits(c, 24, shapes, {"output.1.0": 8, "middle.0.0": 16})
+
+
+def test_check_fits_messages_name_the_base_model_or_say_sd1():
+    """The exact messages: the hint names metadata's base_model, else 'an SD1.x checkpoint'."""
+    c = make()
+    want = ("concept 'testconcept' has 24-d token embeddings; this checkpoint's text encoder is 768-d. Apply it to "
+            "the model it was trained on (eqdiff_tiny_sd15) or retrain it for this checkpoint.")
+    with pytest.raises(cio.ConceptError, match="^" + re.escape(want) + "$"):
+        cio.check_fits(c, 768, dict(KV), DIMS, model_name="this checkpoint")
+    del c.metadata["base_model"]
+    want = ("concept 'testconcept' has an RRA layer at middle.0.0, which this model does not have (its "
+            "self-attention layers: input.4.1, output.1.0). Apply it to the model it was trained on (an SD1.x "
+            "checkpoint) or retrain it for this model.")
+    with pytest.raises(cio.ConceptError, match="^" + re.escape(want) + "$"):
+        cio.check_fits(c, 24, dict(KV), {"output.1.0": 16, "input.4.1": 8})
 
 
 def test_every_validation_error_names_the_source_and_the_problem(tmp_path):

@@ -2,6 +2,8 @@
 (jinjianRick/DCI_ICO @ 653b97b: src/model.py 171-249 for DBIM, ldm/models/diffusion/ddim.py 213-320 for
 the step), as /work/shared/notes/related-methods.md 2.3.3 transcribes it."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,7 @@ def test_window_follows_the_code():
     assert [s for s in steps if dci.in_window(s, 0.3)] == [981 - 20 * i for i in range(15)]
     assert not any(dci.in_window(s, 0.0) for s in range(1000))
     assert all(dci.in_window(s, 1.0) for s in range(1, 1000))
+    assert not dci.in_window(500, 0.5) and dci.in_window(501, 0.5)  # strictly past: 500 / 1000 > 0.5 is false
 
 
 def test_concept_phrase_and_auxiliary_prompt():
@@ -159,11 +162,44 @@ def test_concept_phrase_and_auxiliary_prompt():
         dci.auxiliary_prompt("a <d> dog", "<d> dog", "red car")
 
 
+def test_concept_phrase_ignores_case_and_keeps_a_matching_class_word():
+    assert dci.concept_phrase("a <x> Dog in a park", class_word="dog") == "<x> Dog"  # the class word, any case
+    assert dci.concept_phrase("a <x> dog in a park", class_word="DOG") == "<x> dog"
+    assert dci.concept_phrase("a SKS Dog on the moon", concept_words="sks dog") == "sks dog"
+    assert dci.auxiliary_prompt("a SKS Dog and a sks dog", "sks dog", "cat") == "a cat and a cat"
+    want = ("concept_words: 'sks dog' is not in the prompt 'a dog'; write the subject's words as they appear in it, "
+            "or leave it empty to find the concept token")
+    with pytest.raises(ValueError, match="^" + re.escape(want) + "$"):
+        dci.concept_phrase("a dog", concept_words="sks   dog")
+
+
 def test_token_columns():
     e = torch.ones(3)
     prompt = [320, 1125, e, 1929, 530, e, 1929]        # a photo <e> dog and <e> dog
     aux = [320, 1125, 2368, 530, 2368]                 # a photo cat and cat
     concept, noun = dci.token_columns(prompt, [e, 1929], aux, [2368])
     assert concept == [2, 3, 5, 6] and noun == [2, 4]
-    with pytest.raises(ValueError, match="not in the prompt"):
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "the concept phrase's tokens are not in the prompt's tokens (is the prompt longer than 75 tokens?)") + "$"):
         dci.token_columns([320], [e], [320], [2368])
+
+
+def test_token_columns_of_a_two_token_noun_and_misaligned_auxiliary_prompts():
+    """By hand: P = a <e> dog and <e> dog, P_a = a teddy bear and teddy bear (noun 2 tokens, shift 0):
+    noun columns 1, 2 and 4, 5. An auxiliary row that is one token short, or that holds other tokens at
+    those columns (in the first or the second occurrence), is refused with the same message."""
+    e = torch.ones(3)
+    prompt, phrase, noun = [320, e, 1929, 530, e, 1929], [e, 1929], [7, 8]
+    assert dci.token_columns(prompt, phrase, [320, 7, 8, 530, 7, 8], noun) == ([1, 2, 4, 5], [1, 2, 4, 5])
+    misaligned = "^" + re.escape("the auxiliary prompt's tokens do not line up with the prompt's; put spaces around "
+                                 "the concept words") + "$"
+    for aux in ([320, 7, 8, 530, 7], [320, 8, 7, 530, 7, 8], [320, 7, 8, 530, 8, 7]):
+        with pytest.raises(ValueError, match=misaligned):
+            dci.token_columns(prompt, phrase, aux, noun)
+
+
+def test_span_positions_from_the_first_token_and_tensors_never_equal_ids():
+    e = torch.ones(3)
+    assert dci.span_positions([5, 6, 5, 5], [5]) == [0, 2, 3] and dci.span_positions([5, 6, 5, 6], [5, 6]) == [0, 2]
+    assert dci.span_positions([e, 1], [1]) == [1] and dci.span_positions([1, e], [e]) == [1]  # embedding vs id
+    assert dci.span_positions([torch.tensor(7)], [7]) == [] and dci.span_positions([7], [torch.tensor(7)]) == []

@@ -74,6 +74,50 @@ def test_overlay_tints_mask_and_outlines_boxes():
     assert out[0, 0, 15, 15] > 0.4 and out[0, 1, 5, 40] == 1.0 and out[0, :, 30, 40].sum() == 0
 
 
+def test_overlay_matches_a_preview_drawn_by_hand():
+    """The preview: image * (1 - alpha m) + colour * alpha m, then each box (rounded, clamped to the image)
+    outlined inside in green (0.1, 1, 0.1), t = max(1, round(min(h, w) / 200)) px wide, clipped to [0, 1].
+    300 x 700: t = round(1.5) = 2; 100 x 160: t = max(1, round(0.5)) = 1. Green slices written by hand."""
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 300, 700, generator=gen)
+    image[0, :, 250:260, 20:40], image[1, :, 250:260, 20:40] = -0.5, 1.5  # clipped to 0 and 1
+    mask = torch.zeros(2, 300, 700)
+    mask[0, 200:260, 300:400], mask[1, 100:120, 300:400] = 1.0, 0.5
+    boxes = [[[100.4, 50.0, 199.6, 150.0], [-20.0, -10.0, 720.0, 320.0]],
+             [[800.0, 350.0, 900.0, 400.0], [-50.0, 10.0, -5.0, 60.0], [1.0, 200.0, 2.0, 220.0],
+              [200.0, 1.0, 220.0, 2.0]]]
+    dets = [g.Detection(torch.tensor(b), torch.ones(len(b)), [[0]] * len(b)) for b in boxes]
+    a = 0.5 * mask[:, None]
+    want = image * (1 - a) + torch.tensor([1.0, 0.2, 0.2]).view(1, 3, 1, 1) * a
+    green = torch.tensor([0.1, 1.0, 0.1]).view(3, 1, 1)
+    for i, rows, cols in [(0, slice(50, 150), slice(100, 102)), (0, slice(50, 150), slice(198, 200)),  # box 100..200
+                          (0, slice(50, 52), slice(100, 200)), (0, slice(148, 150), slice(100, 200)),  # x 50..150
+                          (0, slice(0, 300), slice(0, 2)), (0, slice(0, 300), slice(698, 700)),  # box clamped to
+                          (0, slice(0, 2), slice(0, 700)), (0, slice(298, 300), slice(0, 700)),  # the whole image
+                          (1, slice(299, 300), slice(698, 700)), (1, slice(298, 300), slice(699, 700)),  # past
+                          (1, slice(10, 60), slice(0, 2)),  # the corner: 699..700; left of the image: 0..1
+                          (1, slice(200, 220), slice(0, 3)),  # 1..2 wide: left edge 1..3, right edge 0..2
+                          (1, slice(0, 3), slice(200, 220))]:  # 1..2 high: the same along y
+        want[i, :, rows, cols] = green
+    out = g.overlay(image, mask, dets)
+    assert torch.allclose(out, want.clamp(0, 1), atol=1e-6, rtol=0)
+    assert out[0, :, 255, 30].tolist() == [0.0] * 3 and out[1, :, 255, 30].tolist() == [1.0] * 3
+
+    small = torch.full((1, 3, 100, 160), 0.5)
+    spot = torch.zeros(1, 100, 160, dtype=torch.bool)
+    spot[0, 80:90, 100:120] = True
+    boxes = [[10.0, 20.0, 50.0, 60.0], [10.0, -30.0, 50.0, -2.0], [-50.0, 70.0, -5.0, 90.0]]
+    out = g.overlay(small, spot, [g.Detection(torch.tensor(boxes), torch.ones(3), [[0]] * 3)],
+                    color=(0.0, 0.0, 1.0), alpha=0.25)
+    want = small.clone()
+    want[0, :, 80:90, 100:120] = torch.tensor([0.375, 0.375, 0.625]).view(3, 1, 1)  # 0.5 * 0.75 + c * 0.25
+    for rows, cols in [(slice(20, 60), slice(10, 11)), (slice(20, 60), slice(49, 50)),
+                       (slice(20, 21), slice(10, 50)), (slice(59, 60), slice(10, 50)),
+                       (slice(0, 1), slice(10, 50)), (slice(70, 90), slice(0, 1))]:  # above / left: 1 px
+        want[0, :, rows, cols] = green
+    assert torch.allclose(out, want, atol=1e-6, rtol=0)
+
+
 def test_unreadable_files_are_named(tmp_path):
     with pytest.raises(g.GroundingError, match="does not exist"):
         g.read_checkpoint(tmp_path / "missing.pth")
@@ -101,6 +145,19 @@ def test_detect_size_stops_growing_at_the_1333_px_cap():
     from 128 in steps of 32 that is 800 (128 + 21 * 32), however many queries are asked for."""
     assert g.fit_detect_size(128, 600, 1000, 10**9) == 800
     assert g.fit_detect_size(128, 1000, 600, 10**9) == 800
+    # 500 x 1000 with max_size 640: 2 * 320 = 640 is not past the cap, 2 * 352 = 704 is: 352
+    assert g.fit_detect_size(128, 500, 1000, 10**9, max_size=640) == 352
+
+
+def test_detect_size_counts_tokens_at_the_four_strides_rounding_up():
+    """Tokens at shape (h, w): sum over s in 8, 16, 32, 64 of ceil(h / s) * ceil(w / s), by hand.
+    512 x 512 at 224: 28*28 + 14*14 + 7*7 + 4*4 = 1045 (3.5 -> 4); 128, 160, 192 give fewer; 256 is next.
+    600 x 1000 at 128 is 128 x 213: 16*27 + 8*14 + 4*7 + 2*4 = 580; at 160, 160 x 266: 20*34 + 10*17
+    + 5*9 + 3*5 = 910."""
+    assert g.fit_detect_size(128, 512, 512, 1045) == 224 and g.fit_detect_size(128, 512, 512, 1046) == 256
+    assert g.fit_detect_size(128, 600, 1000, 580) == 128 and g.fit_detect_size(128, 600, 1000, 581) == 160
+    assert g.fit_detect_size(128, 600, 1000, 910) == 160 and g.fit_detect_size(128, 600, 1000, 911) == 192
+    assert g.fit_detect_size(128, 1000, 600, 910) == 160 and g.fit_detect_size(128, 1000, 600, 911) == 192
 
 
 # -- input preparation, box scaling and mask assembly against the original libraries ------------------

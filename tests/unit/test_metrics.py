@@ -232,3 +232,17 @@ def test_render_table():
             drawn = Image.new("RGB", (cell.shape[1], cell.shape[0]), shade)
             ImageDraw.Draw(drawn).text((6 - 1, 6 - 1), text, fill="black", font=font)  # padding 6, minus the line
             assert np.array_equal(cell, np.asarray(drawn).astype(int)), (r, c, text)
+
+
+def test_render_table_sizes_cells_to_the_font_and_keeps_48_characters():
+    """Each column is its widest text plus 6 px padding on both sides, each line the tallest text plus 2 * 6,
+    and one more pixel for the closing grid line; sizes from PIL's own font metrics (getbbox). A text of
+    exactly 48 characters is kept whole; a table of one row has its header and that row."""
+    font = ImageFont.load_default()
+    rows = [{"image": "/data/0.png", "prompt": "m" * 48, "clip_t": 0.25}]  # '/' starts left of x = 0
+    want = [["image", "prompt", "clip_t"], ["/data/0.png", "m" * 48, "0.2500"]]
+    boxes = [[font.getbbox(text) for text in line] for line in want]
+    widths = [max(boxes[r][c][2] - boxes[r][c][0] for r in range(2)) + 12 for c in range(3)]
+    height = max(b[3] - b[1] for line in boxes for b in line) + 12
+    assert boxes[1][0][0] < 0  # the case where right - left differs from right
+    assert M.render_table(rows).size == (sum(widths) + 1, 2 * height + 1)

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import torch
 
 from eqdiff_core import plot
@@ -44,3 +46,31 @@ def test_map_grid_places_each_map_under_the_title_in_rows():
     assert rgb(image, 26 + 5, 56 + 5) == (255, 255, 255)  # no fourth map: background
     assert rgb(image, 7, 22 + 5) == (160, 160, 160)  # the frame, one pixel outside the cell
     assert math.isclose(float(plot.map_grid(maps[:1], "t", cell=10, columns=2).shape[0]), 22 + 34 + 8)
+
+
+def test_map_grid_draws_title_and_labels_in_black_at_their_places():
+    """Layout as above: the title at (8, 4), label i at (x_i, y_i + cell + 2) in PIL's default font, black on
+    white; compared with strips drawn here (title: rows 0-20; first labels: rows 33-54, the frames excluded)."""
+    from PIL import Image, ImageDraw
+
+    maps = [("a", torch.zeros(2, 2)), ("b", torch.zeros(2, 2)), ("c", torch.zeros(2, 2))]
+    image = (plot.map_grid(maps, "title", cell=10, columns=2).numpy() * 255).round().astype(np.uint8)
+    for rows, texts in [((0, 21), [((8, 4), "title")]), ((33, 55), [((8, 34 - 33), "a"), ((26, 34 - 33), "b")]),
+                        ((67, 98), [((8, 68 - 67), "c")])]:
+        strip = Image.new("RGB", (44, rows[1] - rows[0]), (255, 255, 255))
+        for xy, text in texts:
+            ImageDraw.Draw(strip).text(xy, text, fill=(0, 0, 0))
+        assert np.array_equal(image[rows[0]:rows[1]], np.asarray(strip)), texts
+
+
+def test_map_grid_defaults_clipping_nearest_upscale_and_frame():
+    """Defaults cell 160, columns 4: width 8 + 4 * 168 = 680, height 22 + 184 + 8 = 214. Values are clipped
+    to [0, 1] before the 8-bit grey (-0.5 black, 1.5 and 2 white, 0.25 -> 64); each source pixel becomes a
+    5 x 5 block at cell 10; the frame's top line is the row above the cell."""
+    image = plot.map_grid([("m", torch.rand(3, 3))], "t")
+    assert image.shape == (214, 680, 3) and image.dtype == torch.float32
+    values = torch.tensor([[-0.5, 1.5], [2.0, 0.25]])
+    image = plot.map_grid([("m", values)], "t", cell=10, columns=2)
+    tile = (image[22:32, 8:18, 0].numpy() * 255).round()
+    assert np.array_equal(tile, np.kron(np.array([[0, 255], [255, 64]]), np.ones((5, 5))))
+    assert (image[21, 7:19] * 255).round().tolist() == [[160.0] * 3] * 12

@@ -127,6 +127,11 @@ def test_received_attention_is_a_mean_or_a_weighted_mean_over_targets():
     assert torch.allclose(rra.received_attention(a), torch.tensor([[0.6, 0.4]]))
     w = torch.tensor([[1.0, 3.0, 0.0]])  # weights 1/4, 3/4, 0
     assert torch.allclose(rra.received_attention(a, w), torch.tensor([[0.2 / 4 + 0.6 * 3 / 4, 0.8 / 4 + 0.4 * 3 / 4]]))
+    # a batch of two, each normalised by its own weights' sum (0.4 and 0.5, below 1: no floor)
+    a2 = torch.cat([a, a.flip(1)])
+    w2 = torch.tensor([[0.1, 0.3, 0.0], [0.0, 0.0, 0.5]])
+    want = torch.tensor([[0.2 / 4 + 0.6 * 3 / 4, 0.8 / 4 + 0.4 * 3 / 4], [0.2, 0.8]])  # 2nd: all on a's first row
+    assert torch.allclose(rra.received_attention(a2, w2), want)
 
 
 def test_loss_layers_are_the_coarsest_output_layers():
