@@ -18,6 +18,9 @@ bash "$REPO/scripts/setup_env.sh"
 cd "$REPO"
 # the tests run inside mutants/, where tests/comfy_env.py would look for .comfy: point it at this one
 export EQDIFF_ENV=${EQDIFF_ENV:-$REPO/.comfy}
+# mutmut forks a process per mutant; a fork of a process whose OpenMP (torch) or tokenizers thread pool
+# is running deadlocks, which mutmut then records as a timeout: one thread each, --max-children for speed
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 VPY=$EQDIFF_ENV/venv/bin/python
 MDIR=$REPO/.mutation
 MPY=$MDIR/venv/bin/python
