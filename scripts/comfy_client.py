@@ -78,12 +78,21 @@ class ComfyClient:
     def check_alive(self, prompt_id: str) -> None:
         """Called on every poll of ``wait``; a server this process owns raises when it has died."""
 
-    def wait(self, prompt_id: str, timeout: float = 600, on_progress=None) -> dict:
-        """Poll /history until the prompt ends; returns its history entry or raises PromptFailed."""
+    def wait(self, prompt_id: str, timeout: float = 600, on_progress=None, poll_timeout: float = 30) -> dict:
+        """Poll /history until the prompt ends; returns its history entry or raises PromptFailed. A poll
+        the server answers later than ``poll_timeout`` is tried again: a server busy computing (a loaded
+        CPU, a model load holding the GIL) answers late, and only ``timeout`` decides that a prompt failed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive(prompt_id)
-            history = self.get(f"/history/{prompt_id}")
+            try:
+                history = self.get(f"/history/{prompt_id}", timeout=poll_timeout)
+                if on_progress and prompt_id not in history:
+                    on_progress(self.get("/queue", timeout=poll_timeout))
+            except (TimeoutError, urllib.error.URLError) as err:
+                if not isinstance(getattr(err, "reason", err), TimeoutError):
+                    raise
+                continue
             if prompt_id in history:
                 entry = history[prompt_id]
                 status = entry.get("status", {})
@@ -91,8 +100,6 @@ class ComfyClient:
                     raise PromptFailed(prompt_id, status.get("messages", []))
                 if status.get("completed"):
                     return entry
-            if on_progress:
-                on_progress(self.get("/queue"))
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
 

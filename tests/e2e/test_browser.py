@@ -42,7 +42,7 @@ def test_ui_workflow_loads_queues_and_completes(server, artifacts, path):
         assert entry["outputs"], "the workflow output nothing"
         # every image the server sent reached the frontend's store of node previews (what the nodes draw)
         shown = page.evaluate("""() => Object.fromEntries(Object.entries(window.comfyAPI.app.app.nodeOutputs ?? {})
-                                   .map(([id, out]) => [id, (out.images ?? []).map(i => i.filename)]))""")
+                                   .map(([id, out]) => [id, (out?.images ?? []).map(i => i.filename)]))""")
         for node_id, out in entry["outputs"].items():
             if out.get("images"):
                 assert shown.get(node_id) == [i["filename"] for i in out["images"]], f"node {node_id}'s previews"
