@@ -8,6 +8,8 @@ written out below with numpy from the recorded predictions of each pass.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -171,6 +173,9 @@ def test_ico_contexts_are_no_part_of_the_concept_and_come_back_on_resume():
     resumed = training.ConceptParameters.from_concept(concept)
     assert torch.equal(resumed.contexts.detach(), p.contexts.detach())
     assert training.ConceptParameters.from_concept(p.to_concept({})).contexts is None
+    assert training.optimizer_state(opt, p.double())[training.ICO_STATE].dtype == torch.float32  # stored as float32
+    # the contexts are checked for finiteness with the embeddings (not clipped)
+    assert [id(t) for t in p.embedding_parameters()] == [id(p.token_lf), id(p.token_hf), id(p.contexts)]
 
 
 # -- PureCC ----------------------------------------------------------------------------------------------
@@ -239,6 +244,26 @@ def test_purecc_step_equals_the_hand_computation(extractor, base, masked):
     assert "purecc" in parts.values()
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_purecc_term_takes_eq7s_normalisation_inside_the_mask_or_everywhere(masked):
+    """L_PureCC against a target that varies over the image (so the mask counts): Eq. 7's normalisation
+    (here "elements": also divided by the 4 channels), inside the MGDP mask with purecc_masked."""
+    g = torch.Generator().manual_seed(13)
+    b = 2
+    out = training.StepOutput(torch.randn(b, 4, H, H, generator=g))
+    noise, target = torch.randn(b, 4, H, H, generator=g), torch.randn(b, 4, H, H, generator=g)
+    masks = (torch.rand(b, 1, H, H, generator=g) > 0.3).float()
+    none = torch.zeros(0, dtype=torch.long)
+    batch = training.Batch(torch.tensor([0, 1]), torch.tensor([2, 2]), none, none)
+    s = settings(purecc_weight=2.0, purecc_masked=masked, masked_loss_normalisation="elements")
+    loss, parts = training.losses(out, noise, masks, masks, None, batch, s, target)
+    eps_hat, m = out.noise.double().numpy(), masks.double().numpy()
+    pure = hand_masked_mse(eps_hat, target.double().numpy(), m if masked else np.ones_like(m)) / 4
+    denoise = hand_masked_mse(eps_hat, noise.double().numpy(), m) / 4
+    assert float(parts.purecc) == pytest.approx(pure, rel=1e-6)
+    assert float(loss) == pytest.approx(denoise + 2.0 * pure, rel=1e-6)
+
+
 def test_purecc_eps_base_runs_with_autograd_only_when_it_is_the_trained_model():
     """The stand-in's prediction holds no trained weights, so whether gradients reach them through eps_base
     is checked on the real UNet (tests/comfy/test_ico_purecc.py); here, that autograd is on for that pass."""
@@ -270,6 +295,7 @@ def test_purecc_with_eta_zero_is_the_plain_step_exactly():
 
 
 def test_purecc_without_an_extractor_is_refused():
-    with pytest.raises(ValueError, match="extractor"):
+    message = "PureCC needs its extractor (the Stage-1 concept); none was given"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         training.training_step(params(), MethodsStandIn(), data(), settings(purecc_weight=2.0), 2,
                                training.step_generator(0, 0))

@@ -39,6 +39,7 @@ def test_latent_mask_downsamples_by_area_and_dilates_with_a_square():
         d = training.latent_mask(big, (32, 32), iterations, 5)[0, 0]
         rows, cols = d.nonzero(as_tuple=True)
         assert d.sum() == side * side and rows.min() == 16 - side // 2 and cols.max() == 16 + side // 2
+    assert training.latent_mask(big, (32, 32), 1)[0, 0].sum() == 25  # the default kernel: the authors' 5x5
 
 
 def test_mask_guided_latent_is_eq6():
@@ -48,6 +49,7 @@ def test_mask_guided_latent_is_eq6():
     mask = (torch.rand(2, 1, 6, 6, generator=g) > 0.5).float()
     z_t = training.noisy_latent(z0, noise, alpha)
     assert torch.allclose(z_t[1], math.sqrt(0.2) * z0[1] + math.sqrt(0.8) * noise[1], atol=1e-6)
+    assert training.noisy_latent(z0, noise, alpha.double()).dtype == torch.float32  # the latents' dtype, not the schedule's
     out = training.mask_guided_latent(z_t, z0, mask)
     inside = mask.expand_as(out).bool()
     assert torch.equal(out[~inside], z0[~inside]) and torch.allclose(out[inside], z_t[inside])
@@ -73,6 +75,11 @@ def test_masked_mse_is_eq7_divided_by_the_mask_area_or_the_element_count():
     pred.requires_grad_(True)
     training.masked_mse(pred, target, mask).backward()
     assert (pred.grad * (1 - mask)).abs().max() == 0 and (pred.grad * mask).abs().max() > 0
+    # a soft mask of area 0.5 (one pixel at 0.5) is divided by its area, 0.5, not by a floor of 1
+    soft = torch.zeros(1, 1, 5, 5)
+    soft[0, 0, 2, 2] = 0.5
+    want = float(((pred[0, :, 2, 2].detach() - target[0, :, 2, 2]) ** 2).sum() * 0.5 / 0.5)
+    assert float(training.masked_mse(pred[:1].detach(), target[:1], soft)) == pytest.approx(want, rel=1e-6)
 
 
 def test_cross_attention_mask_loss():
@@ -125,6 +132,11 @@ def test_step_generator_depends_on_seed_and_step_only():
     assert torch.equal(a, torch.rand(4, generator=training.step_generator(7, 3)))
     assert not torch.equal(a, torch.rand(4, generator=training.step_generator(7, 4)))
     assert not torch.equal(a, torch.rand(4, generator=training.step_generator(8, 3)))
+    # the seed is (seed * 1_000_003 + step) mod 2^63, by hand: 7 * 1_000_003 + 3 = 7_000_024; for seed 2^62 the
+    # product is 2^62 (mod 2^63) as 1_000_003 is odd, so step 5 seeds 2^62 + 5
+    for seed, step, want in [(7, 3, 7_000_024), (2**62, 5, 2**62 + 5)]:
+        assert training.step_generator(seed, step).initial_seed() == want
+    assert torch.equal(a, torch.rand(4, generator=torch.Generator().manual_seed(7_000_024)))
 
 
 def test_optimizer_state_round_trip():
@@ -145,6 +157,54 @@ def test_optimizer_state_round_trip():
         assert float(fresh.state[p]["step"]) == 1
     with pytest.raises(ValueError, match="learning_rate"):
         training.make_optimizer(params, 0.0, settings)
+
+
+def test_optimizer_state_skips_tensors_without_moments_and_loads_at_each_parameters_dtype_and_device():
+    from eqdiff_core.rra import RRALayer
+
+    params = training.ConceptParameters(torch.randn(8), torch.randn(8), {"w": torch.zeros(3, 8)},
+                                        {"output.1.0": RRALayer(4)})
+    settings = training.settings_for("official")
+    torch.set_default_dtype(torch.float64)  # AdamW then counts its steps in float64
+    try:
+        opt = training.make_optimizer(params, 1e-2, settings)
+        for name, p in params.named_parameters():
+            p.grad = None if name == "token_lf" else torch.randn_like(p)  # token_lf: no gradient, no moments
+        opt.step()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    saved = training.optimizer_state(opt, params)
+    assert "token_lf.exp_avg" not in saved and saved["token_hf.step"].dtype == torch.float32  # stored as float32
+    wide = training.ConceptParameters.from_concept(params.to_concept({})).double()
+    fresh = training.make_optimizer(wide, 1e-2, settings)
+    training.load_optimizer_state(fresh, wide, saved)
+    assert wide.token_lf not in fresh.state
+    for name, p in wide.named_parameters():
+        if name != "token_lf":  # the tensors after the one without moments load too, at the parameter's dtype
+            for moment in ("exp_avg", "exp_avg_sq"):
+                loaded = fresh.state[p][moment]
+                assert loaded.dtype == torch.float64 and torch.equal(loaded, saved[f"{name}.{moment}"].double()), name
+    # and on the parameter's device (meta stands for an accelerator: a device other than the CPU)
+    meta = training.ConceptParameters.from_concept(params.to_concept({})).to("meta")
+    on_meta = training.make_optimizer(meta, 1e-2, settings)
+    training.load_optimizer_state(on_meta, meta, saved)
+    assert {t.device.type for p in meta.parameters() if p in on_meta.state
+            for t in (on_meta.state[p]["exp_avg"], on_meta.state[p]["exp_avg_sq"])} == {"meta"}
+
+
+def test_to_concept_holds_float32_copies_the_reference_context_and_the_metadata():
+    from eqdiff_core.rra import RRALayer
+
+    p = training.ConceptParameters(torch.randn(8), torch.randn(8), {"w": torch.randn(3, 8)},
+                                   {"output.1.0": RRALayer(4)}).double()
+    reference = torch.randn(1, 5, 8, dtype=torch.float64)
+    concept = p.to_concept({"name": "x"}, reference)
+    assert concept.metadata == {"name": "x"}
+    assert concept.reference_context.dtype == torch.float32 and torch.equal(concept.reference_context, reference.float())
+    tensors = [concept.token_lf, concept.token_hf, *concept.kv_deltas.values(), *concept.rra["output.1.0"].values()]
+    assert {t.dtype for t in tensors} == {torch.float32}
+    assert torch.equal(concept.token_lf, p.token_lf.detach().float())
+    assert p.to_concept({}).reference_context is None
 
 
 def test_reference_augmentation_scales_are_the_authors_ranges():

@@ -9,6 +9,7 @@ here by hand from the authors' formulas (eqdiff-method.md §3.2, §5.2, §5.3), 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -62,6 +63,25 @@ class StandIn:
         return training.StepOutput(noise, ref_attention, token)
 
 
+class ThroughWeights(StandIn):
+    """The stand-in whose prediction also reads the trained K/V delta, as the UNet's does, so that a clipped
+    tensor gets a gradient. ``broken`` adds sqrt(u - u) = 0, whose gradient 1 / (2 sqrt 0) is infinite,
+    through the text context (the embeddings) or through the K/V delta: a finite loss, a non-finite gradient."""
+
+    def __init__(self, p: training.ConceptParameters, broken: str | None = None):
+        super().__init__()
+        self.p, self.broken = p, broken
+
+    def predict(self, x, timesteps, context, reference, recorded_rows):
+        out = super().predict(x, timesteps, context, reference, recorded_rows)
+        kv = self.p.kv_delta("kv")
+        out.noise = out.noise + kv.mean()
+        if self.broken:
+            u = context if self.broken == "embeddings" else kv
+            out.noise = out.noise + torch.sqrt(u - u.detach()).sum()
+        return out
+
+
 def data(photos=3, priors=0, seed=1) -> training.TrainingData:
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(3, photos, 4, H, H, generator=g)
@@ -99,7 +119,19 @@ def test_draw_batch_photos_priors_and_branches():
     drawn = training.draw_batch(d, settings(p_low=1.0, p_high=0.0, p_original=0.0), 2, torch.Generator().manual_seed(0))
     assert drawn.prior_branches.tolist() == [training.LOW] * 2  # the authors draw branches for class images too
     no_prior = training.draw_batch(d, settings(prior_loss_weight=0.0), 2, torch.Generator().manual_seed(0))
-    assert no_prior.priors.numel() == 0
+    assert no_prior.priors.numel() == 0 and no_prior.priors.dtype == torch.long  # an (empty) index tensor
+
+
+def test_draw_batch_replayed_by_hand():
+    """The draws in order from the step's stream: the photos without repeats (randperm) while the batch fits in
+    them, up to all N of them, with repeats past that (uniform over [0, N)); the class images uniform over [0, P)."""
+    d = data(photos=3, priors=5)
+    for size in (2, 3, 7):
+        batch = training.draw_batch(d, settings(), size, torch.Generator().manual_seed(9))
+        g = torch.Generator().manual_seed(9)
+        photos = torch.randperm(3, generator=g)[:size] if size <= 3 else torch.randint(0, 3, (size,), generator=g)
+        assert torch.equal(batch.photos, photos), size
+        assert torch.equal(batch.priors, torch.randint(0, 5, (size,), generator=g)), size
 
 
 def test_batch_latents_pick_each_samples_branch_and_mask():
@@ -127,6 +159,19 @@ def test_masked_noising_is_eq6(mask_noise):
     noised = a.sqrt() * z0 + (1 - a).sqrt() * noise_hand
     want = masks * noised + (1 - masks) * z0 if mask_noise else noised
     assert torch.allclose(z_t, want, atol=1e-6)
+
+
+def test_masked_noising_returns_on_the_latents_dtype_and_device():
+    """The noise in the latents' dtype (float64 here), everything on their device: meta stands for an
+    accelerator (a device other than the CPU's, shapes without data)."""
+    d = data()
+    z0, masks = d.latents[training.ORIGINAL, :2].double(), d.loss_masks[:2].double()
+    schedule = torch.linspace(0.99, 0.01, 1000)
+    _, noise, z_t = training.masked_noising(z0, masks, schedule, settings(), torch.Generator().manual_seed(4))
+    assert noise.dtype == z_t.dtype == torch.float64
+    t, noise, z_t = training.masked_noising(z0.to("meta"), masks.to("meta"), schedule.to("meta"), settings(),
+                                            torch.Generator().manual_seed(4))
+    assert t.device.type == noise.device.type == z_t.device.type == "meta"
 
 
 def test_reference_pass_is_another_photo_at_t_minus_offset_with_the_same_noise():
@@ -159,6 +204,27 @@ def test_one_photo_is_its_own_reference():
                             settings(reference_augment=False, reference_timestep_offset=0), torch.Generator())
     a = backend.alphas_cumprod[5]
     assert torch.allclose(backend.calls["reference"][0][0], a.sqrt() * d.latents[training.ORIGINAL, :1], atol=1e-6)
+
+
+def test_class_images_reference_is_their_own_augmented_copy_flipped_at_random():
+    """Replayed by hand from the stream: the one photo is its own reference (one draw over [0, 1)), augmented;
+    then each class image's own ORIGINAL latent, augmented with the random flip, its mask all ones."""
+    d = data(photos=1, priors=2)
+    batch = training.Batch(torch.tensor([0]), torch.tensor([2]), torch.tensor([1, 0]), torch.tensor([2, 2]))
+    latents, masks = training.reference_latents(d, batch, settings(), torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    assert int(torch.randint(0, 1, (1,), generator=g)) == 0
+    photo, mask = training.augment_reference(d.latents[training.ORIGINAL, 0], d.subject_masks[0], d.canvas, g)
+    assert torch.equal(latents[0], photo) and torch.equal(masks, mask[None])
+    flipped = []
+    for row, j in enumerate([1, 0], start=1):
+        unflipped, _ = training.augment_reference(d.prior_latents[j, training.ORIGINAL], torch.ones(1, H, H), d.canvas,
+                                                  torch.Generator().set_state(g.get_state()))
+        want, _ = training.augment_reference(d.prior_latents[j, training.ORIGINAL], torch.ones(1, H, H), d.canvas, g,
+                                             flip=True)
+        assert torch.equal(latents[row], want), j
+        flipped.append(not torch.equal(want, unflipped))
+    assert any(flipped)  # this seed flips one of them at least
 
 
 def test_text_context_puts_each_branchs_embedding_at_the_placeholder():
@@ -221,6 +287,42 @@ def test_losses_of_a_step_equal_the_authors_formulas():
                                   ra_loss_weight=0.0, cross_attention_loss_weight=0.0, prior_loss_weight=0.0))
     everywhere = np.mean([np.sum((out.noise[i].double() - noise[i].double()).numpy() ** 2) / (H * H) for i in range(b)])
     assert float(unmasked) == pytest.approx(everywhere, rel=1e-6)  # masked_loss off: M = 1
+
+
+def test_losses_follow_the_settings_normalisation_form_weights_and_map_sizes():
+    """Eq. 7 per element ("elements": also divided by the 4 channels), L_ra in the paper's form (the norm of
+    Eq. 10) on a reference map of another size than the target's (64 queries, 16 keys: the reference mask
+    at 4x4, the subject at 8x8, both by nearest resizing); a term with weight 0 or without its map is off."""
+    g = torch.Generator().manual_seed(12)
+    b = 2
+    out = training.StepOutput(torch.randn(b, 4, H, H, generator=g), torch.softmax(torch.randn(b, H * H, 16, generator=g), -1),
+                              torch.rand(b, H * H, generator=g))
+    noise = torch.randn(b, 4, H, H, generator=g)
+    masks = (torch.rand(b, 1, H, H, generator=g) > 0.3).float()
+    subject = (torch.rand(b, 1, H, H, generator=g) > 0.5).float()
+    ref_masks = (torch.rand(b, 1, H, H, generator=g) > 0.5).float()
+    none = torch.zeros(0, dtype=torch.long)
+    batch = training.Batch(torch.tensor([0, 1]), torch.tensor([2, 2]), none, none)
+    s = settings(ra_loss_form="paper", masked_loss_normalisation="elements", ra_loss_weight=0.3,
+                 cross_attention_loss_weight=0.0)
+    loss, parts = training.losses(out, noise, masks, subject, ref_masks, batch, s)
+    eps_hat, eps, m = out.noise.double().numpy(), noise.double().numpy(), masks.double().numpy()
+    denoise = np.mean([np.sum(m[i] * (eps_hat[i] - eps[i]) ** 2) / (4 * np.sum(m[i])) for i in range(b)])
+    m_ref = ref_masks.double().numpy()[:, 0, ::2, ::2].reshape(b, -1)  # 8x8 -> 4x4 by nearest
+    m_gt = subject.double().numpy().reshape(b, -1)
+    share = np.einsum("bnm,bm->bn", out.reference_attention.double().numpy(), m_ref)
+    l_ra = np.mean(np.linalg.norm(share - m_gt, axis=1))  # || sum_j (A * M^r)_ij - M^g ||_2 per sample
+    assert float(parts.denoise) == pytest.approx(denoise, rel=1e-6)
+    assert float(parts.reference_attention) == pytest.approx(l_ra, rel=1e-5)
+    assert float(loss) == pytest.approx(denoise + 0.3 * l_ra, rel=1e-6)
+    assert set(parts.values()) == {"loss", "denoise", "ra"}  # cross-attention weight 0: no term
+    off, parts = training.losses(out, noise, masks, subject, ref_masks, batch,
+                                 settings(ra_loss_weight=0.0, cross_attention_loss_weight=0.0))
+    assert set(parts.values()) == {"loss", "denoise"} and torch.equal(off, parts.denoise)
+    _, parts = training.losses(out, noise, masks, subject, None, batch, settings(cross_attention_loss_weight=0.0))
+    assert set(parts.values()) == {"loss", "denoise"}  # no reference masks: no L_ra
+    _, parts = training.losses(training.StepOutput(out.noise), noise, masks, subject, None, batch, settings())
+    assert set(parts.values()) == {"loss", "denoise"}  # no maps recorded: neither term
 
 
 def test_a_step_is_draw_noise_reference_context_predict_losses():
@@ -294,8 +396,60 @@ def test_a_non_finite_loss_stops_before_the_update():
     before = {n: t.detach().clone() for n, t in p.named_parameters()}
     with pytest.raises(training.NonFiniteLoss) as err:
         training.train(p, Broken(), data(), settings(), opt, steps=3, batch_size=2, seed=0)
+    assert err.value.step == 0 and str(err.value) == "the loss became NaN or infinite at step 0"
+    assert all(torch.equal(t.detach(), before[n]) for n, t in p.named_parameters())
+    assert all(t.grad is None for t in p.parameters())  # the non-finite gradients are dropped
+
+
+@pytest.mark.parametrize("broken", ["embeddings", "kv"])
+def test_a_non_finite_gradient_under_a_finite_loss_stops_before_the_update(broken):
+    """An infinite gradient of the embeddings (not clipped, checked on their own) or of the K/V delta (in the
+    clipped norm) stops the run like a non-finite loss."""
+    p = params()
+    opt = training.make_optimizer(p, 0.1, settings())
+    before = {n: t.detach().clone() for n, t in p.named_parameters()}
+    with pytest.raises(training.NonFiniteLoss) as err:
+        training.train(p, ThroughWeights(p, broken), data(), settings(), opt, steps=2, batch_size=2, seed=0)
     assert err.value.step == 0
     assert all(torch.equal(t.detach(), before[n]) for n, t in p.named_parameters())
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 0.0])
+def test_train_clips_the_kv_gradient_to_max_grad_norm_and_zero_means_no_clipping(max_norm):
+    """The K/V gradient after a step is the raw one (the step replayed and backpropagated by hand) times
+    min(1, max_norm / (norm + 1e-6)), torch's clip_grad_norm_; max_grad_norm 0 leaves it whole. The stand-in
+    reads no RRA layer, so the K/V delta is the only clipped tensor with a gradient; the embeddings are not clipped."""
+    s = settings(max_grad_norm=max_norm)
+    raw = params()
+    loss, _, _ = training.training_step(raw, ThroughWeights(raw), data(), s, 2, training.step_generator(0, 0))
+    loss.backward()
+    p = params()
+    training.train(p, ThroughWeights(p), data(), s, training.make_optimizer(p, 1e-3, s), steps=1, batch_size=2, seed=0)
+    kv = raw.kv_delta("kv").grad
+    scale = min(1.0, max_norm / (float(kv.norm()) + 1e-6)) if max_norm > 0 else 1.0
+    assert scale < 0.1 or max_norm == 0  # the clipping does cut here
+    assert torch.allclose(p.kv_delta("kv").grad, kv * scale, rtol=1e-5, atol=0)
+    assert torch.equal(p.token_lf.grad, raw.token_lf.grad) and torch.equal(p.token_hf.grad, raw.token_hf.grad)
+
+
+def test_each_step_starts_without_gradients():
+    """Gradients left from before the run are dropped (None, not zeroed): a tensor the step does not reach
+    (the RRA layer: the stand-in reads none) keeps no gradient, so AdamW leaves it and its weight decay alone."""
+    p, s = params(), settings(weight_decay=0.5)
+    for q in p.parameters():
+        q.grad = torch.ones_like(q)
+    layer = p.rra_layer("output.3.0")
+    before = {n: t.detach().clone() for n, t in layer.named_parameters()}
+    training.train(p, StandIn(), data(), s, training.make_optimizer(p, 0.1, s), steps=1, batch_size=2, seed=0)
+    assert all(t.grad is None and torch.equal(t.detach(), before[n]) for n, t in layer.named_parameters())
+
+
+def test_train_takes_a_batch_of_one_and_refuses_less():
+    p, s = params(), settings()
+    assert len(training.train(p, StandIn(), data(), s, training.make_optimizer(p, 1e-3, s), steps=1, batch_size=1,
+                              seed=0)) == 1
+    with pytest.raises(ValueError, match="^" + re.escape("batch_size must be at least 1, got 0") + "$"):
+        training.train(p, StandIn(), data(), s, training.make_optimizer(p, 1e-3, s), steps=1, batch_size=0, seed=0)
 
 
 def test_resuming_with_the_optimiser_state_continues_exactly():
