@@ -1,9 +1,11 @@
 """eqdiff_core.concept: atomic save, load, validation, errors that say what is wrong."""
 
+import hashlib
 import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -81,15 +83,42 @@ def test_nan_in_file_is_rejected_on_load(tmp_path):
     tensors["rra.output.1.0.h_r.bias"][0] = float("inf")
     path = str(tmp_path / "c.safetensors")
     save_file(tensors, path, metadata={"eqdiff_format": "1", "eqdiff_metadata": "{}"})
-    with pytest.raises(cio.ConceptError, match="rra.output.1.0.h_r.bias holds NaN or infinite"):
+    with pytest.raises(cio.ConceptError, match="^" + re.escape(  # the message names the file read
+            f"{path}: tensor rra.output.1.0.h_r.bias holds NaN or infinite values; the training that wrote it "
+            f"diverged. Use an earlier save or retrain with a lower learning rate.") + "$"):
         cio.load(path)
 
 
 def test_inconsistent_rra_shapes_are_rejected():
     c = make()
     c.rra["output.1.0"]["h_r.weight"] = torch.zeros(16, 32)
-    with pytest.raises(cio.ConceptError, match=r"h_r.weight has shape \(16, 32\), expected \(17, 32\)"):
+    with pytest.raises(cio.ConceptError, match="^" + re.escape(  # no source given: "concept"
+            "concept: RRA layer output.1.0 h_r.weight has shape (16, 32), expected (17, 32)") + "$"):
         cio.validate(c)
+    c = make()
+    c.rra["output.1.0"]["to_k_res"] = torch.zeros(16, 8)  # the width is to_k_res' rows, as the other shapes say
+    with pytest.raises(cio.ConceptError, match="^" + re.escape(
+            "concept: RRA layer output.1.0 to_k_res has shape (16, 8), expected (16, 16)") + "$"):
+        cio.validate(c)
+
+
+def test_fingerprint_hashes_float32_values_without_the_training_state():
+    """By hand (hashlib, numpy): sha256 over the sorted tensor names, each followed by its values as float32
+    bytes, first 16 hex digits. A bfloat16 concept (numpy has no bfloat16) hashes as its float32 values; the
+    optimiser state is not part of the concept."""
+    c = cio.Concept(torch.tensor([1.0, -2.0], dtype=torch.bfloat16), torch.tensor([0.5, 3.0], dtype=torch.bfloat16),
+                    training_state={"step": torch.tensor([7.0])})
+    want = hashlib.sha256(b"token.hf" + np.array([0.5, 3.0], np.float32).tobytes()
+                          + b"token.lf" + np.array([1.0, -2.0], np.float32).tobytes()).hexdigest()[:16]
+    assert c.fingerprint() == want
+
+
+@pytest.mark.cuda
+def test_fingerprint_of_a_cuda_concept_is_the_cpu_one():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    lf, hf = torch.randn(24), torch.randn(24)
+    assert cio.Concept(lf.cuda(), hf.cuda()).fingerprint() == cio.Concept(lf, hf).fingerprint()
 
 
 def test_check_fits_names_the_mismatch():
@@ -140,6 +169,11 @@ def test_every_validation_error_names_the_source_and_the_problem(tmp_path):
         cio.validate(c, "src")
     c.reference_context = None
     assert cio.validate(c, "src") is c  # no reference context is allowed
+    c.training_state = {"exp_avg": torch.tensor([0.0, float("nan")])}  # the optimiser state is checked too
+    with pytest.raises(cio.ConceptError, match="^" + re.escape(
+            "src: tensor train.exp_avg holds NaN or infinite values; the training that wrote it diverged. Use an "
+            "earlier save or retrain with a lower learning rate.") + "$"):
+        cio.validate(c, "src")
     with pytest.raises(cio.ConceptError, match="concept 'testconcept' changes diffusion_model.x, which this model"):
         cio.check_fits(random_concept({"diffusion_model.x": (2, 2)}, {}, token_dim=24), 24, {}, {})
 

@@ -71,6 +71,41 @@ def test_dbim_matches_the_authors_code(lam, batch):
     np.testing.assert_allclose(mixed.numpy(), expected[batch:2 * batch], rtol=1e-6, atol=1e-9)
 
 
+def test_branch_map_at_the_edges_of_the_prompt():
+    """Eq. 3 with the code's re-softmax, in numpy: a context of T = 6 tokens (BOS + at most 5 real ones) over
+    N = 3 pixels. Column 0 (the first word) and the last real column count; the complement sums every other
+    real token; half-precision maps are computed in float32."""
+    probs = _softmax(np.random.default_rng(4).normal(size=(1, 3, 6)), -1)
+    t = torch.from_numpy(probs)
+    for length, cols in ((5, [0, 4]), (1, [0]), (3, [1])):
+        a = _softmax(10 * probs[:, :, 1:1 + length], -1)
+        others = [i for i in range(length) if i not in cols]
+        np.testing.assert_allclose(dci.branch_map(t, length, cols).numpy(), a[:, :, cols].sum(-1), rtol=1e-12)
+        np.testing.assert_allclose(dci.branch_map(t, length, cols, complement=True).numpy(),
+                                   a[:, :, others].sum(-1), rtol=1e-12, atol=1e-15)
+    half = dci.branch_map(t.half(), 5, [0, 4])
+    a = _softmax(10 * probs.astype(np.float16).astype(np.float64)[:, :, 1:6], -1)
+    assert half.dtype == torch.float32
+    np.testing.assert_allclose(half.numpy(), a[:, :, [0, 4]].sum(-1), rtol=1e-5)
+    for length in (0, 6):
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"prompt length {length} does not fit a context of 6 tokens") + "$"):
+            dci.branch_map(t, length, [0])
+    for cols in ([5], [-1]):
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"token columns {cols} are outside the prompt's 5 real tokens") + "$"):
+            dci.branch_map(t, 5, cols)
+
+
+def test_integrate_keeps_the_outputs_dtype():
+    """By hand: w_c F_c + w_a F_a with float32 weights over half-precision outputs stays half precision."""
+    w_c, w_a = torch.tensor([[0.25, 1.0]]), torch.tensor([[0.75, 0.0]])
+    out_c, out_a = torch.full((1, 2, 3), 2.0, dtype=torch.float16), torch.full((1, 2, 3), 4.0, dtype=torch.float16)
+    mixed = dci.integrate(out_c, out_a, w_c, w_a)
+    assert mixed.dtype == torch.float16
+    assert torch.equal(mixed, torch.tensor([[[3.5] * 3, [2.0] * 3]], dtype=torch.float16))  # 0.5 + 3, 2 + 0
+
+
 def _blob_probs(side, inside_concept, rng):
     """Synthetic maps as in the notes' check: 5 real tokens, concept tokens at columns 1, 2 dominate inside a
     centred square, the context tokens (0, 3, 4) outside it; (1, N, 77) probabilities."""

@@ -1,6 +1,7 @@
 """eqdiff_core.rra against the equations written out by hand."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -58,6 +59,22 @@ def test_layer_follows_eq_8_and_9():
     assert torch.allclose(fused, f_sa * (1 - gate) + f_ra * gate)
 
 
+def test_one_reference_row_is_expanded_to_the_target_rows():
+    """AttentionFn's contract: k and v (B, M, C) with B the target rows, so one reference row is expanded to
+    them (an attention that views k as (B, -1, heads, d), as ComfyUI's does, would split a single row's
+    positions over the batch); a reference row per target row is passed as it is."""
+    seen = []
+
+    def recording(q, k, v, heads):  # the real attention, noting the shapes it is given
+        seen.append((tuple(k.shape), tuple(v.shape)))
+        return rra.multihead_attention(q, k, v, heads)
+
+    layer = rra.RRALayer(4)
+    layer(torch.randn(3, 1, 4), torch.randn(3, 1, 4), torch.randn(1, 3, 4), 2, attention=recording)
+    layer(torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.randn(2, 5, 4), 2, attention=recording)
+    assert seen == [((3, 3, 4), (3, 3, 4)), ((2, 5, 4), (2, 5, 4))]
+
+
 def test_reference_attention_loss_forms():
     g = torch.Generator().manual_seed(3)
     a = torch.softmax(torch.randn(2, 4, 6, 5, generator=g), -1)  # (B, heads, N, M)
@@ -74,6 +91,9 @@ def test_reference_attention_loss_forms():
     assert rra.reference_attention_loss(perfect, torch.tensor([[1.0, 0, 0]]), torch.ones(1, 2)) == 0
     with pytest.raises(ValueError, match="form must be"):
         rra.reference_attention_loss(a, m_r, m_g, form="l1")
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "attention must be (B, N, M) or (B, heads, N, M), got (6, 5)") + "$"):
+        rra.reference_attention_loss(a[0, 0], m_r, m_g)
 
 
 def test_gate_is_closed_exactly_when_the_gate_row_cannot_open():
@@ -120,6 +140,8 @@ def test_attention_with_map_is_softmax_attention_and_its_head_mean():
         maps.append(a)
     assert torch.allclose(out, torch.cat(outs, dim=-1), atol=1e-6)
     assert torch.allclose(probs, (maps[0] + maps[1]) / 2, atol=1e-6)
+    out64, _ = rra.attention_with_map(q, k, v.double(), heads=2)  # the map takes the values' dtype
+    assert out64.dtype == torch.float64 and torch.allclose(out64, torch.cat(outs, dim=-1).double(), atol=1e-6)
 
 
 def test_received_attention_is_a_mean_or_a_weighted_mean_over_targets():
