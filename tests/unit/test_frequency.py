@@ -133,6 +133,22 @@ def test_band_preview_stretches_to_three_standard_deviations():
     assert torch.equal(fq.band_preview(torch.full((1, 1, 2, 2), 9.0), True), torch.ones(1, 1, 2, 2))  # clamped
 
 
+
+def test_band_preview_stretches_each_image_by_its_own_statistics():
+    """By hand: a signed band of +-0.1 (std 0.1) shows like one of +-1; a magnitude band of 0 and 4 (mean 2,
+    std 2) has its white point at 2 + 3 * 2 = 8, one of 0 and 0.2 (mean 0.1, std 0.1) at 0.4, so 4 and 0.2
+    both show as 0.5, each image of a batch by its own; a signed value below -3 std is clamped to black
+    (nine zeros and a -3: std 0.9, so -3 maps to 0.5 - 0.5 * 3 / 2.7 < 0)."""
+    signed = torch.tensor([1.0, -1.0]).repeat(8).view(1, 1, 4, 4)
+    want = torch.where(signed > 0, torch.tensor(0.5 + 0.5 / 3), torch.tensor(0.5 - 0.5 / 3))
+    assert torch.allclose(fq.band_preview(0.1 * signed, True), want)
+    magnitude = torch.tensor([0.0, 4.0]).repeat(8).view(1, 1, 4, 4)
+    preview = fq.band_preview(torch.cat([magnitude, magnitude / 20]), False)
+    assert preview.shape == (2, 1, 4, 4) and torch.allclose(preview, torch.cat([magnitude, magnitude]) / 8)
+    outlier = torch.tensor([0.0] * 9 + [-3.0]).view(1, 1, 1, 10)
+    assert torch.equal(fq.band_preview(outlier, True), torch.tensor([0.5] * 9 + [0.0]).view(1, 1, 1, 10))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -64,6 +64,31 @@ def test_refine_mask_matches_a_max_filter_and_stays_monotone():
     assert torch.equal(g.refine_mask(torch.ones(1, 8, 8), -3), torch.ones(1, 8, 8))  # image borders don't erode
 
 
+def test_refine_mask_defaults_to_no_change_and_grows_by_one_pixel():
+    """scipy's 3 x 3 maximum filter (zeros outside the image) for dilate 1; no argument: the mask as it is."""
+    from scipy.ndimage import maximum_filter
+
+    mask = (torch.rand(2, 9, 11, generator=torch.Generator().manual_seed(1)) > 0.8).float()
+    assert torch.equal(g.refine_mask(mask), mask)
+    want = maximum_filter(mask.numpy(), size=(1, 3, 3), mode="constant", cval=0.0)
+    assert np.array_equal(g.refine_mask(mask, 1).numpy(), want)
+
+
+def test_refine_mask_returns_a_mask_in_0_1_whatever_comes_in():
+    """Values outside [0, 1] are clipped (numpy). Shrinking counts outside the image as a full mask (1), also
+    next to values above 1: scipy's grey erosion with cval 1, then the 3-sigma Gaussian of the test below."""
+    from scipy.ndimage import gaussian_filter, grey_erosion
+
+    mask = torch.tensor([-1.0, 0.5, 2.0, 1.5]).repeat(3, 1)[None]
+    assert np.array_equal(g.refine_mask(mask).numpy(), np.clip(mask.numpy(), 0, 1))
+    mask = torch.zeros(1, 10, 12)
+    mask[0, :2] = 1.5
+    eroded = grey_erosion(mask[0].double().numpy(), size=3, mode="constant", cval=1.0)
+    want = np.clip(gaussian_filter(eroded, 1.0, truncate=3.0, mode="nearest"), 0, 1)
+    assert np.allclose(g.refine_mask(mask, -1, 1.0)[0].numpy(), want, atol=1e-6)
+
+
+
 def test_overlay_tints_mask_and_outlines_boxes():
     image = torch.zeros(1, 3, 50, 60)
     mask = torch.zeros(1, 50, 60)
@@ -235,6 +260,7 @@ def test_feather_is_a_gaussian_of_sigma_feather():
     mask = torch.zeros(1, 40, 50)
     mask[0, 10:25, 12:30] = 1.0
     mask[0, 0, 45] = 1.0  # at the border
+    mask[0, 30:36, 49] = 1.0  # at the right edge
     for sigma in (1.0, 2.0, 3.5):
         want = gaussian_filter(mask[0].double().numpy(), sigma, truncate=3.0, mode="nearest")
         assert np.allclose(g.refine_mask(mask, 0, sigma)[0].numpy(), want, atol=1e-6), sigma

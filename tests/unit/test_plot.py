@@ -74,3 +74,67 @@ def test_map_grid_defaults_clipping_nearest_upscale_and_frame():
     tile = (image[22:32, 8:18, 0].numpy() * 255).round()
     assert np.array_equal(tile, np.kron(np.array([[0, 255], [255, 64]]), np.ones((5, 5))))
     assert (image[21, 7:19] * 255).round().tolist() == [[160.0] * 3] * 12
+
+
+def drawn(lines, texts, size=(640, 320)):
+    """The expected plot drawn here with PIL from the documented layout: white canvas, grey frame
+    around the plot area (56, 24) .. (width - 12, height - 28), the (points, colour, width) lines, black texts."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([56, 24, size[0] - 12, size[1] - 28], outline=(160, 160, 160))
+    for points, colour, width in lines:
+        draw.line(points, fill=colour, width=width)
+    for xy, text in texts:
+        draw.text(xy, text, fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def pixels(image):
+    return (image.numpy() * 255).round().astype(np.uint8)
+
+
+def labels(hi, lo, steps, last, kernel):
+    """max at (4, top - 6), min at (4, bottom - 6), step labels at (left, bottom + 8) and (right - 70, bottom + 8),
+    the title at (left + 8, 4)."""
+    return [((4, 18), hi), ((4, 286), lo), ((56, 300), "step 1"), ((558, 300), f"step {steps}"),
+            ((64, 4), f"loss (last {last}, mean of {kernel})")]
+
+
+def test_loss_curve_is_the_documented_plot_pixel_for_pixel():
+    """History [4, 1, 3, 2], smoothing 3: the running mean is [4, 2.5, 8/3, 2] (the first points average
+    what there is); x_i = 56 + 572 i / 3, y(v) = 292 - 268 (v - 1) / 3 (min 1, max 4). The loss is grey,
+    1 px wide, the mean blue, 2 px wide."""
+    x = [56 + 572 * i / 3 for i in range(4)]
+    y = [292 - 268 * (v - 1) / 3 for v in (4, 1, 3, 2, 2.5, 8 / 3)]
+    want = drawn([(list(zip(x, y[:4])), GREY, 1), (list(zip(x, [y[0], y[4], y[5], y[3]])), BLUE, 2)],
+                 labels("4", "1", 4, "2", 3))
+    assert np.array_equal(pixels(plot.loss_curve([4.0, 1.0, 3.0, 2.0], smoothing=3)), want)
+
+
+def test_loss_curve_defaults_to_a_running_mean_of_20_steps():
+    """Five steps at 1 then twenty at 3: the mean of step i is over steps max(1, i - 19) .. i, the last one 3."""
+    history = [1.0] * 5 + [3.0] * 20
+    mean = [sum(history[max(0, i - 19):i + 1]) / len(history[max(0, i - 19):i + 1]) for i in range(25)]
+    x = [56 + 572 * i / 24 for i in range(25)]
+    y = [292 - 268 * (v - 1) / 2 for v in history + mean]
+    want = drawn([(list(zip(x, y[:25])), GREY, 1), (list(zip(x, y[25:])), BLUE, 2)], labels("3", "1", 25, "3", 20))
+    assert np.array_equal(pixels(plot.loss_curve(history)), want)
+
+
+def test_loss_curve_of_one_step_and_of_none():
+    """One value: no line, the labels only (mean of 1 step); no finite value: the frame and the message
+    at (left + 8, top + 8), as float32 like every plot."""
+    assert np.array_equal(pixels(plot.loss_curve([2.0])), drawn([], labels("2", "2", 1, "2", 1)))
+    empty = plot.loss_curve([float("nan")])
+    assert empty.dtype == torch.float32
+    assert np.array_equal(pixels(empty), drawn([], [((64, 32), "no finite loss yet")]))
+
+
+def test_loss_curve_averages_float32_losses_in_float64():
+    """2**24 and 2**24 + 2 are exact float32 numbers whose float32 sum rounds to 2**25: numpy float32 losses
+    must plot like the same numbers as Python floats."""
+    history = [2.0 ** 24, 2.0 ** 24 + 2, 2.0 ** 24 + 2]
+    assert torch.equal(plot.loss_curve([np.float32(v) for v in history], smoothing=3),
+                       plot.loss_curve(history, smoothing=3))
