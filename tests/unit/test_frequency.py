@@ -1,6 +1,7 @@
 """eqdiff_core.frequency against an independent numpy implementation (full fft2 + fftshift)."""
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from eqdiff_core import frequency as fq
 from eqdiff_core import training
-from numpy_reference import authors_fft_filtering, numpy_split
+from numpy_reference import authors_fft_filtering, numpy_low_pass_mask, numpy_split
 
 REAL_SHAPES = ("circle", "square")  # filters with a real inverse, any profile
 PHOTO = Path(__file__).resolve().parents[2] / "workflows" / "assets" / "backpack_dog_00.jpg"
@@ -175,6 +176,62 @@ def test_wrong_layout_and_sizes_are_rejected():
     with pytest.raises(ValueError, match=r"^image size must be at least 1x1, got 0x4$"):
         fq.frequency_radius(0, 4)
     assert fq.bins_to_cutoff(50, 512) == 50 / 256 and fq.bins_to_cutoff(5) == 5 / 256
+
+
+def rfft_grid(mask):
+    """numpy_low_pass_mask (shifted full grid) laid out like rfft2's output."""
+    return np.fft.ifftshift(mask)[:, : mask.shape[1] // 2 + 1]
+
+
+def test_low_pass_mask_defaults_and_butterworth_order_1():
+    """Defaults are a circle, the ideal profile, float32 and butterworth order 2; order 1 is allowed
+    (1 / (1 + r^2)); all against the numpy reference."""
+    ideal = fq.low_pass_mask(16, 12, 0.5)
+    assert ideal.dtype == torch.float32 and fq.low_pass_mask(16, 12, 0.5, dtype=torch.float64).dtype == torch.float64
+    np.testing.assert_array_equal(ideal.numpy(), rfft_grid(numpy_low_pass_mask(16, 12, 0.5, "circle", "ideal", 2)))
+    for order in (1, 2):
+        kwargs = {} if order == 2 else {"order": 1}
+        got = fq.low_pass_mask(16, 12, 0.5, profile="butterworth", dtype=torch.float64, **kwargs)
+        want = rfft_grid(numpy_low_pass_mask(16, 12, 0.5, "circle", "butterworth", order))
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
+    x = random_images(1, 2, 12, 10, seed=8)
+    got = fq.frequency_split(x, 0.3, 0.1, profile="butterworth")  # frequency_split's default order is 2 too
+    for g, r in zip(got, numpy_split(x.numpy(), 0.3, 0.1, "circle", "butterworth", 2, False, "signed")):
+        np.testing.assert_allclose(g.numpy(), r, atol=1e-10)
+
+
+def test_low_pass_filters_any_leading_shape():
+    """low_pass takes (..., H, W): a single 2-D image, against numpy's rfft2 / irfft2."""
+    x = random_images(1, 1, 9, 7, seed=9)[0, 0]
+    mask = fq.low_pass_mask(9, 7, 0.4, "square", dtype=torch.float64)
+    want = np.fft.irfft2(np.fft.rfft2(x.numpy()) * mask.numpy(), s=(9, 7))
+    np.testing.assert_allclose(fq.low_pass(x, mask).numpy(), want, atol=1e-12)
+
+
+def test_half_precision_input_is_split_in_float32():
+    x = random_images(1, 3, 8, 8, seed=10).half()
+    low, high = fq.frequency_split(x, 0.3)
+    want = fq.frequency_split(x.float(), 0.3)
+    assert low.dtype == high.dtype == torch.float32
+    assert torch.equal(low, want[0]) and torch.equal(high, want[1])
+
+
+def test_box_bin_indices_are_compared_in_float64():
+    """c = cutoff * 8 / 2 = 3 + 1e-9 bins: [-c, c) holds bins -3 ... 3 (by hand); a float32 c would be 3.0."""
+    mask = fq.box_mask(8, 8, (3 + 1e-9) / 4, dtype=torch.float64)
+    k = torch.fft.fftfreq(8, d=1 / 8)
+    assert sorted(int(v) for v in k[mask[:, 0].bool()]) == [-3, -2, -1, 0, 1, 2, 3]
+
+
+def test_exact_messages_of_low_level_checks():
+    nyquist = "must be a positive fraction of the Nyquist radius (e.g. 0.1953125 = 50 bins on a 512 grid); got 0.0"
+    with pytest.raises(ValueError, match="^" + re.escape("cutoff " + nyquist) + "$"):
+        fq.low_pass_mask(8, 8, 0.0)
+    with pytest.raises(ValueError, match="^" + re.escape("shape must be one of circle, square; got 'box'") + "$"):
+        fq.frequency_radius(8, 8, "box")  # the box has no radius: only box_mask draws it
+    with pytest.raises(ValueError, match="^" + re.escape("profile must be one of ideal; got 'gaussian'") + "$"):
+        fq.frequency_split(random_images(1, 1, 8, 8), 0.2, shape="box", profile="gaussian")
+    assert fq.bins_to_cutoff(1, 1) == 2.0  # a 1-pixel grid is valid: 1 bin / (1 / 2)
 
 
 @pytest.mark.cuda

@@ -143,6 +143,20 @@ def test_overlay_matches_a_preview_drawn_by_hand():
     assert torch.allclose(out, want, atol=1e-6, rtol=0)
 
 
+def test_overlay_keeps_a_float64_image_in_float64():
+    """Colour, mask weight and green are taken in the image's dtype: float64 0.1, 0.2 and 0.3 as numpy computes
+    them, not their float32 roundings."""
+    image = torch.full((1, 3, 20, 20), 0.6, dtype=torch.float64)
+    mask = torch.zeros(1, 20, 20, dtype=torch.bool)
+    mask[0, 2:8, 2:8] = True
+    det = g.Detection(torch.tensor([[10.0, 10.0, 18.0, 18.0]]), torch.ones(1), [[0]])
+    out = g.overlay(image, mask, [det], color=(0.1, 0.2, 0.3), alpha=0.3)
+    assert out.dtype == torch.float64
+    tint = 0.6 * (1 - np.float64(0.3)) + np.array([0.1, 0.2, 0.3]) * np.float64(0.3)
+    assert out[0, :, 5, 5].tolist() == tint.tolist() and out[0, :, 0, 0].tolist() == [0.6] * 3
+    assert out[0, :, 12, 10].tolist() == [0.1, 1.0, 0.1]
+
+
 def test_unreadable_files_are_named(tmp_path):
     with pytest.raises(g.GroundingError, match="does not exist"):
         g.read_checkpoint(tmp_path / "missing.pth")

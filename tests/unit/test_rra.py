@@ -173,3 +173,13 @@ def test_grid_size_keeps_the_aspect_ratio_and_token_grid_upsamples():
     up = rra.token_grid(values, 4, 6)
     assert up.shape == (1, 4, 6) and up[0, 0, 0] == 0.0 and up[0, -1, -1] == 5.0  # corners kept (bilinear, half-pixel)
     assert float(up[0, 0, 1]) == pytest.approx(0.25)  # 1/4 of the way from 0 to 1 (half-pixel centres)
+
+
+def test_layer_parameters_take_the_requested_dtype():
+    layer = rra.RRALayer(4, dtype=torch.float64)
+    assert {n: p.dtype for n, p in layer.named_parameters()} == dict.fromkeys(
+        ["to_k_res.weight", "to_v_res.weight", "h_r.weight", "h_r.bias"], torch.float64)
+    to_k = torch.randn(4, 4, dtype=torch.float64)
+    layer = rra.RRALayer.from_self_attention(to_k, 2 * to_k)
+    assert all(p.dtype == torch.float64 for p in layer.parameters())
+    assert torch.equal(layer.to_k_res.weight, to_k) and torch.equal(layer.to_v_res.weight, 2 * to_k)  # no rounding
