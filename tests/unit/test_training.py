@@ -1,6 +1,7 @@
 """eqdiff_core.training against hand-written formulas: FDTE draw, MGDP (Eq. 6-7), augmentation, settings."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ def test_branch_draw_follows_the_probabilities():
         want = torch.tensor(probs, dtype=torch.float64) / sum(probs)
         assert torch.allclose(freq, want, atol=4e-3), (probs, freq)
     assert training.draw_branches(0, (0.1, 0.1, 0.8), g).numel() == 0
+    assert training.draw_branches(0, (0.1, 0.1, 0.8), g).dtype == torch.long  # an index tensor even when empty
+    # only the ratio counts: weights far beyond float32's range still mean "always LOW" (branch 0)
+    assert torch.equal(training.draw_branches(5, (1e300, 0.0, 0.0), g), torch.zeros(5, dtype=torch.long))
 
 
 def test_branch_embeddings_are_lf_hf_and_their_sum():
@@ -23,6 +27,19 @@ def test_branch_embeddings_are_lf_hf_and_their_sum():
     out = training.branch_embeddings(lf, hf, torch.tensor([training.LOW, training.HIGH, training.ORIGINAL, training.LOW]))
     assert torch.equal(out[0], lf) and torch.equal(out[1], hf) and torch.equal(out[3], lf)
     assert torch.allclose(out[2], lf + hf)
+
+
+def test_frequency_bands_use_the_settings_filter_profile():
+    """The cutoffs are bins on a 512 grid (50 and 5 bins = 50/256 and 5/256 of Nyquist) and the
+    profile is the settings' own, not frequency_split's default (ideal)."""
+    from eqdiff_core import frequency
+
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    s = training.settings_for("paper", filter_profile="gaussian")  # circle: the box has the ideal profile only
+    want = frequency.frequency_split(x, 50 / 256, 5 / 256, shape=s.filter_shape, profile="gaussian",
+                                     grayscale=s.grayscale, output=s.band_output)
+    for got, expected in zip(training.frequency_bands(x, s), want):
+        torch.testing.assert_close(got, expected)
 
 
 def test_latent_mask_downsamples_by_area_and_dilates_with_a_square():
@@ -117,7 +134,9 @@ def test_presets_and_overrides():
     assert training.settings_for("paper", ra_loss_weight=0.5).ra_loss_weight == 0.5
     with pytest.raises(ValueError, match="unknown training settings: bogus"):
         training.settings_for("official", bogus=1)
-    with pytest.raises(ValueError, match="preset"):
+    with pytest.raises(ValueError, match=re.escape("unknown training settings: bogus, zzz") + "$"):
+        training.settings_for("official", zzz=1, bogus=1)
+    with pytest.raises(ValueError, match=re.escape("preset must be one of official, paper, got 'nope'") + "$"):
         training.settings_for("nope")
     with pytest.raises(ValueError, match="filter_shape"):
         training.settings_for("official", filter_shape="hexagon")
@@ -152,6 +171,8 @@ def test_optimizer_state_round_trip():
     saved = training.optimizer_state(opt, params)
     fresh = training.make_optimizer(params, 1e-2, settings)
     training.load_optimizer_state(fresh, params, saved)
+    # the saved names are the parameters' names, dots of the layer keys written as "__"
+    assert {"kv.w.exp_avg", "rra.output__1__0.h_r.weight.exp_avg_sq", "token_lf.step"} <= set(saved)
     for p in params.parameters():
         assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"])
         assert float(fresh.state[p]["step"]) == 1
@@ -212,7 +233,7 @@ def test_reference_augmentation_scales_are_the_authors_ranges():
     s = (170 + r1 * (512 - 170)) / 512, else enlarge by s = (614 + r2 * (715 - 614)) / 512 and crop;
     flip when r3 < 0.5 (the authors' train.py, at 512 px, scaled to the latent side). A ramp along x
     shows the enlargement: bilinear resizing of a ramp by s has slope w / round(w s) per pixel."""
-    side = 64
+    side = 256  # large enough that the range ends (614, 715) change round(side * s)
     ramp = torch.arange(side, dtype=torch.float32).expand(4, side, side).clone()
     mask = torch.ones(1, side, side)
     canvas = torch.full((4, side, side), -5.0)
@@ -246,6 +267,48 @@ def test_reference_augmentation_scales_are_the_authors_ranges():
             assert (float(out[0, 0, -1] - out[0, 0, 0]) < 0) == (r[3] < 0.5), seed
 
 
+def test_reference_augmentation_pastes_a_smooth_shrink_and_mirrors_before_it():
+    """Paste branch: the shrunk ramp keeps the slope side / s of a resize with align_corners=False, and
+    shrinking is antialiased: +-1 stripes at the Nyquist frequency are averaged down, where plain
+    bilinear sampling keeps values near +-1. A flip mirrors latent and mask first and draws nothing
+    more, so it equals the unflipped call on mirrored inputs."""
+    side = 64
+    ramp = torch.arange(side, dtype=torch.float32).expand(4, side, side).clone()
+    stripes = torch.tensor([1.0, -1.0]).repeat(side // 2).expand(4, side, side).clone()
+    half = torch.zeros(1, side, side)
+    half[..., : side // 4] = 1.0
+    canvas = torch.zeros(4, side, side)
+    pasted = small = 0
+    for seed in range(20):
+        r = torch.rand(4, generator=torch.Generator().manual_seed(seed)).tolist()
+        if r[0] < 0.66:
+            pasted += 1
+            s = round(side * (170 + r[1] * (512 - 170)) / 512)
+            out, m = training.augment_reference(ramp, torch.ones(1, side, side), canvas, torch.Generator().manual_seed(seed))
+            slope = out[0][m[0] > 0].view(s, s)[0].diff()[s // 4:-(s // 4)].mean()
+            if s <= 35:  # below ~half size the antialiasing ripple stays under 0.5 %; align_corners=True is 1.2 % off
+                small += 1
+                assert float(slope) == pytest.approx(side / s, rel=5e-3), seed
+            out, m = training.augment_reference(stripes, torch.ones(1, side, side), canvas, torch.Generator().manual_seed(seed))
+            assert float(out[0][m[0] > 0].abs().max()) < 0.75, seed
+        out, m = training.augment_reference(ramp, half, canvas, torch.Generator().manual_seed(seed), flip=True)
+        if r[3] < 0.5:
+            want = training.augment_reference(ramp.flip(-1), half.flip(-1), canvas, torch.Generator().manual_seed(seed))
+        else:
+            want = training.augment_reference(ramp, half, canvas, torch.Generator().manual_seed(seed))
+        assert torch.equal(out, want[0]) and torch.equal(m, want[1]), seed
+    assert pasted > 5 and small > 2
+
+
+def test_reference_augmentation_of_a_one_pixel_latent():
+    """The smallest latent: the paste is at least 1 pixel and the enlargement (round(1 * s) = 1) leaves
+    only the crop at (0, 0), so every draw gives the pixel back on a full mask."""
+    latent, mask, canvas = torch.full((4, 1, 1), 3.0), torch.ones(1, 1, 1), torch.zeros(4, 1, 1)
+    for seed in range(20):
+        out, m = training.augment_reference(latent, mask, canvas, torch.Generator().manual_seed(seed))
+        assert torch.equal(out, latent) and torch.equal(m, mask), seed
+
+
 @pytest.mark.parametrize("override, message", [
     ({"p_low": 0.0, "p_high": 0.0, "p_original": 0.0}, r"p_low, p_high, p_original must be >= 0 and not all 0"),
     ({"dilate_iterations": -1}, r"dilate_iterations must be >= 0 and dilate_kernel an odd number >= 1, got -1 and 5"),
@@ -259,6 +322,12 @@ def test_reference_augmentation_scales_are_the_authors_ranges():
     ({"max_grad_norm": -1.0}, r"max_grad_norm must be >= 0"),
     ({"low_cutoff_bins": 0.0}, r"low_cutoff_bins and high_cutoff_bins must be positive"),
     ({"high_cutoff_bins": -5.0}, r"low_cutoff_bins and high_cutoff_bins must be positive"),
+    ({"high_cutoff_bins": 0.0}, r"low_cutoff_bins and high_cutoff_bins must be positive$"),
+    ({"ico_prefix_tokens": 17}, re.escape("ico_prefix_tokens must be between 0 and 16 (the authors use 1 to 4), got 17") + "$"),
+    ({"ico_prefix_tokens": 1, "ico_prefix_init": " "},
+     re.escape("ico_prefix_init must hold a word to start the prefix contexts from (e.g. 'a photo of a')") + "$"),
+    ({"ico_suffix_tokens": 1, "ico_suffix_init": ""},
+     re.escape("ico_suffix_init must hold a word to start the suffix contexts from (e.g. '.')") + "$"),
     ({"resolution": 96}, r"resolution must be a multiple of 64 \(e.g. 512\), got 96"),
     ({"resolution": 0}, r"resolution must be a multiple of 64"),
     ({"masked_loss_normalisation": "pixels"}, r"masked_loss_normalisation must be one of mask_area, elements, got 'pixels'"),
@@ -276,3 +345,7 @@ def test_edge_settings_are_accepted():
                               ra_loss_weight=0.0, cross_attention_loss_weight=0.0, prior_loss_weight=0.0,
                               weight_decay=0.0, max_grad_norm=0.0, resolution=64, p_low=0.0, p_high=0.0, p_original=1.0)
     assert s.to_dict()["resolution"] == 64 and s.to_dict()["dilate_kernel"] == 1
+    # one-bin cutoffs, 16 prefix and suffix contexts, an ICO rate below the main one
+    s = training.settings_for("official", low_cutoff_bins=1.0, high_cutoff_bins=1.0, ico_prefix_tokens=16,
+                              ico_suffix_tokens=16, ico_lr_multiplier=0.5)
+    assert (s.low_cutoff_bins, s.high_cutoff_bins, s.ico_prefix_tokens, s.ico_lr_multiplier) == (1.0, 1.0, 16, 0.5)
