@@ -237,6 +237,9 @@ def test_text_context_puts_each_branchs_embedding_at_the_placeholder():
         assert torch.allclose(context[row, PLACEHOLDER], vector)
         assert torch.equal(context[row, :PLACEHOLDER], backend.template[0, :PLACEHOLDER])
     assert torch.equal(context[3], backend.class_context()[0])
+    backend._class = backend._class.double()  # a class prompt encoded in another dtype joins at the rows' dtype
+    context = training.text_context(p, backend, batch)
+    assert context.dtype == torch.float32 and torch.equal(context[3], backend.class_context()[0].float())
 
 
 # -- the losses, by hand -------------------------------------------------------------------------------
