@@ -3,6 +3,9 @@ protocol's torchvision pipelines, and the metrics against cosines computed by ha
 random-weight CLIP / DINO models built with transformers."""
 
 import json
+import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -246,3 +249,93 @@ def test_render_table_sizes_cells_to_the_font_and_keeps_48_characters():
     height = max(b[3] - b[1] for line in boxes for b in line) + 12
     assert boxes[1][0][0] < 0  # the case where right - left differs from right
     assert M.render_table(rows).size == (sum(widths) + 1, 2 * height + 1)
+
+
+def test_clip_t_scores_and_input_messages():
+    # CLIPScore by hand: cos([1, 0], [1, 1]) = 1 / sqrt(2), cos([0, 1], [0, -1]) = -1 (clipped to 0)
+    score, cos = M.clip_t_scores(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 1.0], [0.0, -1.0]]), 2.0)
+    assert torch.allclose(cos, torch.tensor([0.5 ** 0.5, -1.0])) and torch.allclose(score, torch.tensor([2 * 0.5 ** 0.5, 0.0]))
+    with pytest.raises(ValueError, match=re.escape("2 images but 3 prompts")):
+        M.clip_t_scores(torch.rand(2, 5), torch.rand(3, 5))
+    with pytest.raises(ValueError, match=re.escape("preprocessing must be one of custom_diffusion, model_folder; got 'x'")):
+        M.image_transform("", "clip", "x")
+
+
+def test_from_hf_processor_reads_every_setting():
+    from transformers import CLIPImageProcessor, Swin2SRImageProcessor
+
+    # Swin2SR's processor has no resize, crop, resample or normalize settings: PIL's bicubic default, rescale only
+    assert M.ImageTransform.from_hf_processor(Swin2SRImageProcessor()) == M.ImageTransform(value_scale=1.0)
+    plain = M.ImageTransform.from_hf_processor(CLIPImageProcessor(do_rescale=False, do_normalize=False))
+    assert plain == M.ImageTransform(shortest_edge=224, crop=(224, 224), value_scale=255.0)
+    x = torch.rand(1, 3, 224, 224)
+    assert torch.allclose(plain(x), x * 255)  # no rescale: HF's 0-255 pixel values, not normalised
+    with pytest.raises(M.MetricModelError, match=re.escape(
+            "preprocessor_config.json: size {'longest_edge': 224} is not supported; use preprocessing "
+            "'custom_diffusion' or a shortest_edge / height+width size")):
+        M.ImageTransform.from_hf_processor(CLIPImageProcessor(size={"longest_edge": 224}))
+    with pytest.raises(M.MetricModelError, match=re.escape(
+            "preprocessor_config.json: resample 1 is not supported (only 0 nearest, 2 bilinear, 3 bicubic); "
+            "use preprocessing 'custom_diffusion'")):
+        M.ImageTransform.from_hf_processor(CLIPImageProcessor(resample=1))
+
+
+def test_model_folder_preprocessing_of_clip_and_its_messages(folders, tmp_path):
+    from transformers import CLIPImageProcessor
+
+    clip = M.ClipEncoder.load(str(folders["clip"]), preprocessing="model_folder", dtype=torch.float64)
+    assert clip.dtype == torch.float64
+    assert clip.transform == M.ImageTransform.from_hf_processor(CLIPImageProcessor())
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    for f in folders["clip"].iterdir():
+        if f.name != "preprocessor_config.json":
+            (no_config / f.name).symlink_to(f)
+    with pytest.raises(M.MetricModelError, match=re.escape(
+            f"dino model folder '{no_config}' lacks preprocessor_config.json, which preprocessing 'model_folder' "
+            "reads; add the model's file or use 'custom_diffusion'")):
+        M.image_transform(str(no_config), "dino", "model_folder")
+    with pytest.raises(M.MetricModelError, match=re.escape(
+            f"clip model folder '{no_config}' lacks preprocessor_config.json: it must be a Hugging Face-format CLIP "
+            "(e.g. openai/clip-vit-base-patch32) model folder with config.json, model.safetensors or "
+            "pytorch_model.bin, tokenizer.json or vocab.json + merges.txt (with tokenizer_config.json), "
+            "preprocessor_config.json")):
+        M.ClipEncoder.load(str(no_config), preprocessing="model_folder")
+    (no_config / "tokenizer_config.json").unlink()
+    (no_config / "tokenizer_config.json").write_text("[")  # not JSON: the tokenizer cannot be read
+    with pytest.raises(M.MetricModelError, match=re.escape(f"clip model folder '{no_config}' cannot be loaded: ")):
+        M.ClipEncoder.load(str(no_config))
+
+
+def test_evaluate_reports_progress_per_chunk_and_keeps_the_weight(folders):
+    clip = M.ClipEncoder.load(str(folders["clip"]))
+    dino = M.DinoEncoder.load(str(folders["dino"]))
+    torch.manual_seed(0)
+    seen = []
+    result = M.evaluate(clip, dino, torch.rand(33, 3, 8, 8), torch.rand(1, 3, 8, 8), ["x"] * 33,
+                        clip_t_weight=3.0, on_batch=seen.append)
+    # default batch size 32: CLIP generated 32 + 1, CLIP references 1, the 33 texts, DINO generated, DINO references
+    assert seen == [32, 1, 1, 33, 32, 1, 1]
+    assert result.clip_t_weight == 3.0
+    np.testing.assert_allclose(result.clip_t, 3.0 * np.clip(result.clip_t_cosine, 0, None), atol=1e-6)
+    assert min(result.clip_t_cosine) > 0  # (with this prompt, for the tiny model)
+    one = M.evaluate(clip, dino, torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), ["a dog"])
+    assert len(one.clip_t) == 1 and one.dino_i[0] == pytest.approx(one.dino_i[0])
+    with pytest.raises(ValueError, match=re.escape("need at least one generated and one reference image")):
+        M.evaluate(clip, dino, torch.rand(1, 3, 8, 8), torch.rand(0, 3, 8, 8), ["a"])
+
+
+def test_results_as_csv_and_json_text():
+    result = M.MetricsResult(["a dog"], [0.5], [0.2], [0.75], [0.25], 2, clip_t_weight=2.5)
+    # the layout by hand: 6 decimals, "\n" line ends, the mean row last; JSON indented by one space
+    assert result.to_csv() == ("image,prompt,clip_t,clip_t_cosine,clip_i,dino_i\n0,a dog,0.500000,0.200000,0.750000,0.250000\n"
+                               "mean,,0.500000,0.200000,0.750000,0.250000\n")
+    assert M.rows_to_csv([{"a": 1.0, "b": "x"}]) == "a,b\n1.000000,x\n"
+    assert result.to_json() == (
+        '{\n "clip_t": 0.5,\n "clip_t_cosine": 0.2,\n "clip_i": 0.75,\n "dino_i": 0.25,\n "clip_t_weight": 2.5,\n'
+        ' "generated": 1,\n "references": 2,\n "images": [\n  {\n   "image": "0",\n   "prompt": "a dog",\n'
+        '   "clip_t": 0.5,\n   "clip_t_cosine": 0.2,\n   "clip_i": 0.75,\n   "dino_i": 0.25\n  }\n ]\n}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Mean of empty slice" warning: an empty result is NaN by itself
+        summary = M.MetricsResult([], [], [], [], [], 0).summary()
+    assert all(math.isnan(v) for v in summary.values()) and len(summary) == 4
