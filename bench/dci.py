@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts"), str(REPO), str(REPO / "bench")]
 
 from comfy_env import PACK_DIR, pack_module, use_comfy  # noqa: E402
-from sd15 import build_model  # noqa: E402
+from sd15 import bench_model  # noqa: E402
 
 
 def main() -> None:
@@ -47,10 +47,7 @@ def main() -> None:
     sampling = pack_module("nodes.comfyui.sampling")
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
-    if args.tiny:
-        model = nodes.CheckpointLoaderSimple().load_checkpoint("eqdiff_tiny_sd15.safetensors")[0]
-    else:
-        model = build_model(dtype)
+    model = bench_model(args.tiny, dtype)
     rows: list[int] = []
 
     def count_rows(executor, x, *a, **kw):

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts"), str(REPO), str(REPO / "bench")]
 
 from comfy_env import PACK_DIR, pack_module, use_comfy  # noqa: E402
-from sd15 import build_model  # noqa: E402
+from sd15 import bench_model  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,10 +48,7 @@ def main() -> None:
     weights = pack_module("nodes.comfyui.weights")
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
-    if args.tiny:
-        base = nodes.CheckpointLoaderSimple().load_checkpoint("eqdiff_tiny_sd15.safetensors")[0]
-    else:
-        base = build_model(dtype)
+    base = bench_model(args.tiny, dtype)
     dm = base.get_model_object("diffusion_model")
     concept = random_concept(*model_shapes({f"diffusion_model.{k}": tuple(v.shape) for k, v in dm.state_dict().items()}),
                              gate=0.5)

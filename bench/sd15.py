@@ -26,3 +26,13 @@ def build_model(dtype):
     shapes = {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()}
     model.diffusion_model.load_state_dict(random_state_dict(shapes, seed=0))
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def bench_model(tiny: bool, dtype):
+    """The MODEL a sampling benchmark measures: the tiny checkpoint's UNet (``--tiny``, as stored) or a random
+    SD1.5 UNet in ``dtype``."""
+    if tiny:
+        import nodes
+
+        return nodes.CheckpointLoaderSimple().load_checkpoint("eqdiff_tiny_sd15.safetensors")[0]
+    return build_model(dtype)
