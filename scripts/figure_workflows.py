@@ -183,7 +183,7 @@ def fig5_reference_attention() -> dict:
     """Fig. 5: the aggregated reference attention and the learned reference mask M^f of a generated image."""
     g = Graph()
     ckpt, concept, reference = saved_concept(g)
-    ref_mask = g.add("LoadImageMask", "Reference subject mask", image=f"{SUBJECT}/masks/00.png", channel="red")
+    ref_mask = g.add("LoadImageMask", "Reference subject mask", image=f"{SUBJECT}_00_mask.png", channel="red")
     applied, positive, sampled, _ = generate(g, ckpt, out(concept), out(reference),
                                           prompts(g, "a {} on the beach", "param:prompt Prompt"), "fig5")
     maps = g.add("EqDiffReferenceMaps", "Reference Attention Maps", model=out(applied, 0), concept=out(concept),

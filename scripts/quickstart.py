@@ -116,7 +116,7 @@ def main() -> int:
     server = ComfyServer(args.out, cpu=not gpu, extra_model_paths=extra_paths)
     print(f"[quickstart] starting ComfyUI ({'GPU' if gpu else 'CPU'}) at {server.url}, log: {server.log_path}")
     with server:
-        for asset in ASSETS.glob("*.jpg"):
+        for asset in [*ASSETS.glob("*.jpg"), *ASSETS.glob("*.png")]:
             shutil.copy(asset, server.input_dir / asset.name)
         shutil.copytree(ASSETS / "backpack_dog", server.input_dir / "backpack_dog", dirs_exist_ok=True)
         started = time.monotonic()

@@ -55,7 +55,7 @@ def server():
                       extra_model_paths=[yaml_path], base_dir=BASE_DIR)
     write_frontend_settings(srv.work_dir / "user")
     srv.start()
-    for asset in ASSETS.glob("*.jpg"):
+    for asset in [*ASSETS.glob("*.jpg"), *ASSETS.glob("*.png")]:
         shutil.copy(asset, srv.input_dir / asset.name)
     shutil.copytree(ASSETS / "backpack_dog", srv.input_dir / "backpack_dog")  # photos and masks/
     yield srv
