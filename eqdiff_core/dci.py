@@ -78,6 +78,9 @@ def integration_weights(probs_concept: torch.Tensor, probs_aux: torch.Tensor, co
     S = 500 softmax_pixels(10 M) (the spatial softmax S_s); (w_c, w_a) = softmax over the two branches of
     (S_c, lambda S_a) (the branch softmax S_c of Eq. 4).
     """
+    if probs_concept.ndim != 3 or probs_aux.ndim != 3 or probs_concept.shape[:2] != probs_aux.shape[:2]:
+        raise ValueError(f"attention probabilities must be (BH, N, T) for both branches, got "
+                         f"{tuple(probs_concept.shape)} and {tuple(probs_aux.shape)}")
     m_c = branch_map(probs_concept, concept_length, concept_columns)
     m_a = branch_map(probs_aux, aux_length, aux_columns, complement=True)
     s_c = SPATIAL_SCALE * (SPATIAL_SHARPNESS * m_c).softmax(dim=-1)

@@ -158,6 +158,9 @@ def reference_attention_loss(
         attention = attention.mean(dim=1)
     if attention.ndim != 3:
         raise ValueError(f"attention must be (B, N, M) or (B, heads, N, M), got {tuple(attention.shape)}")
+    if reference_mask.shape != (attention.shape[0], attention.shape[2]) or target_mask.shape != attention.shape[:2]:
+        raise ValueError(f"masks must be (B, M) and (B, N) for attention (B, N, M) {tuple(attention.shape)}, got "
+                         f"reference {tuple(reference_mask.shape)} and target {tuple(target_mask.shape)}")
     foreground_share = subject_share(attention, reference_mask)
     if form == "paper":
         return torch.linalg.vector_norm(foreground_share - target_mask, dim=-1).mean()

@@ -136,6 +136,17 @@ def test_lambda_zero_still_injects_about_half_in_the_background():
     assert background[-2.0] < background[0.0] < background[1.0] < background[2.0]
 
 
+def test_branch_probabilities_must_be_three_dimensional_and_aligned():
+    probs = torch.softmax(torch.randn(2, 16, 77), -1)
+    for a, b in ((probs[0], probs[0]), (probs, probs[:, :8]), (probs, probs[:1]), (probs[None], probs[None])):
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"attention probabilities must be (BH, N, T) for both branches, got {tuple(a.shape)} and "
+                f"{tuple(b.shape)}") + "$"):
+            dci.integration_weights(a, b, [1], 5, [1], 5, 0.0)
+    w_c, w_a = dci.integration_weights(probs, probs[:, :, :70], [1], 5, [1], 5, 0.0)  # contexts may differ
+    assert w_c.shape == w_a.shape == (2, 16)
+
+
 def test_only_minus_infinity_is_neutral():
     """w_a = sigmoid(lambda S_a - S_c) > 0 for every finite lambda (float64, 256 pixels: nothing underflows);
     -inf gives w_a = 0 and DBIM returns the

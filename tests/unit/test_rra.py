@@ -94,6 +94,12 @@ def test_reference_attention_loss_forms():
     with pytest.raises(ValueError, match="^" + re.escape(
             "attention must be (B, N, M) or (B, heads, N, M), got (6, 5)") + "$"):
         rra.reference_attention_loss(a[0, 0], m_r, m_g)
+    # masks that would broadcast against (B, N) instead of matching it are refused, not averaged
+    for bad_r, bad_g in ((m_r, m_g[:, None]), (m_r[:, None], m_g), (m_r[:1], m_g), (m_r, m_g[:, :5])):
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"masks must be (B, M) and (B, N) for attention (B, N, M) (2, 6, 5), got reference "
+                f"{tuple(bad_r.shape)} and target {tuple(bad_g.shape)}") + "$"):
+            rra.reference_attention_loss(a, bad_r, bad_g, form="paper")
 
 
 def test_gate_is_closed_exactly_when_the_gate_row_cannot_open():
