@@ -184,6 +184,17 @@ def test_dci_step_matches_the_authors_ddim():
         np.testing.assert_allclose(x_a.numpy() * np.sqrt(a_prev), code_step(x_vp_aux, e_ldm), rtol=1e-9, atol=1e-9)
 
 
+def test_auxiliary_denoised_is_the_guided_x0_of_the_code():
+    """By hand (numpy), from the code's p_sample_ddim: the branch's own noise eps_aux = (x_a - x0_aux) / sigma,
+    guided e_a = e_u + s (eps_aux - e_u), and its x_0 = x_a - sigma e_a (sigma, scale not 1: * and / differ)."""
+    rng = np.random.default_rng(3)
+    x_a, x0_aux, e_u = rng.normal(size=(3, 1, 4, 8, 8))
+    sigma, scale = 2.5, 6.0
+    e_a = e_u + scale * ((x_a - x0_aux) / sigma - e_u)
+    got = dci.auxiliary_denoised(torch.from_numpy(x_a), torch.from_numpy(x0_aux), torch.from_numpy(e_u), sigma, scale)
+    np.testing.assert_allclose(got.numpy(), x_a - sigma * e_a, rtol=1e-12, atol=1e-12)
+
+
 def test_window_follows_the_code():
     """``step / 1000 > 1 - agg_time``: with 50 DDIM steps (981, 961, ...) and 0.3, timesteps 981 ... 701."""
     steps = [i * 20 + 1 for i in reversed(range(50))]

@@ -234,6 +234,18 @@ def test_exact_messages_of_low_level_checks():
     assert fq.bins_to_cutoff(1, 1) == 2.0  # a 1-pixel grid is valid: 1 bin / (1 / 2)
 
 
+def test_every_tensor_is_made_on_the_inputs_device():
+    """Meta stands in for an accelerator: a helper tensor made on the CPU would meet a meta one and fail,
+    or come back on the CPU."""
+    x = torch.empty(2, 3, 8, 8, device="meta")
+    for kwargs in ({}, {"high_cutoff": 0.3}, {"shape": "box"}, {"shape": "box", "high_cutoff": 0.3}):
+        assert [b.device.type for b in fq.frequency_split(x, 0.5, **kwargs)] == ["meta", "meta"], kwargs
+    for shape in ("circle", "square"):
+        assert fq.frequency_radius(8, 6, shape, device="meta").device.type == "meta"
+    assert fq.low_pass_mask(8, 6, 0.5, device="meta").device.type == "meta"
+    assert fq.box_mask(8, 6, 0.5, device="meta").device.type == "meta"
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
     if not torch.cuda.is_available():

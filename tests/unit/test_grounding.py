@@ -157,6 +157,23 @@ def test_overlay_keeps_a_float64_image_in_float64():
     assert out[0, :, 12, 10].tolist() == [0.1, 1.0, 0.1]
 
 
+def test_overlay_is_made_on_the_images_device():
+    """Meta stands in for an accelerator: the colour and the mask (here on the CPU) join the image there."""
+    image, mask = torch.empty(1, 3, 20, 20, device="meta"), torch.zeros(1, 20, 20, dtype=torch.bool)
+    det = g.Detection(torch.tensor([[10.0, 10.0, 18.0, 18.0]]), torch.ones(1), [[0]])
+    assert g.overlay(image, mask, [det]).device.type == "meta"
+
+
+@pytest.mark.cuda
+def test_refine_mask_on_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    mask = torch.zeros(1, 40, 50)
+    mask[0, 10:25, 12:30] = 1.0
+    out = g.refine_mask(mask.cuda(), 2, 1.5)  # the Gaussian kernel is made on the mask's device
+    assert out.device.type == "cuda" and torch.allclose(out.cpu(), g.refine_mask(mask, 2, 1.5), atol=1e-6)
+
+
 def test_unreadable_files_are_named(tmp_path):
     with pytest.raises(g.GroundingError, match="does not exist"):
         g.read_checkpoint(tmp_path / "missing.pth")

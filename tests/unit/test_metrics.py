@@ -44,6 +44,7 @@ def as_tensor(*photos):
     ("a <<tok>> dog", ["<tok>"], "a <<tok>> dog"),                                     # touches < >
     ("a sks dog and a sksy dog", ["sks"], "a dog and a sksy dog"),
     ("a <x> and <xy> dog", ["<x>", "<xy>"], "a and dog"),
+    ("a sks dog and a sks toy", ["sks", "sks dog"], "a and a toy"),  # the longer token first, where both match
     ("a <x> dog", [], "a <x> dog"),
 ])
 def test_strip_concept_tokens(prompt, tokens, expected):
@@ -280,6 +281,23 @@ def test_from_hf_processor_reads_every_setting():
         M.ImageTransform.from_hf_processor(CLIPImageProcessor(resample=1))
 
 
+def test_model_folder_preprocessing_reads_the_slow_processor_without_a_warning(folders):
+    """use_fast=False, as the tests above load the processor: transformers then prints nothing, where an unset
+    use_fast prints its "Using a slow image processor as `use_fast` is unset ..." warning to the console."""
+    import logging
+
+    records, handler, hf_logger = [], logging.Handler(), logging.getLogger("transformers")
+    handler.emit = records.append
+    logging.Logger.warning_once.cache_clear()  # transformers prints each warning once per process
+    hf_logger.addHandler(handler)
+    try:
+        transform = M.image_transform(str(folders["clip"]), "clip", "model_folder")
+    finally:
+        hf_logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    assert transform.shortest_edge == 224
+
+
 def test_model_folder_preprocessing_of_clip_and_its_messages(folders, tmp_path):
     from transformers import CLIPImageProcessor
 
@@ -321,7 +339,7 @@ def test_evaluate_reports_progress_per_chunk_and_keeps_the_weight(folders):
     assert min(result.clip_t_cosine) > 0  # (with this prompt, for the tiny model)
     one = M.evaluate(clip, dino, torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), ["a dog"])
     assert len(one.clip_t) == 1 and one.dino_i[0] == pytest.approx(one.dino_i[0])
-    with pytest.raises(ValueError, match=re.escape("need at least one generated and one reference image")):
+    with pytest.raises(ValueError, match="^" + re.escape("need at least one generated and one reference image") + "$"):
         M.evaluate(clip, dino, torch.rand(1, 3, 8, 8), torch.rand(0, 3, 8, 8), ["a"])
 
 

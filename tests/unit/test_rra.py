@@ -189,3 +189,11 @@ def test_layer_parameters_take_the_requested_dtype():
     layer = rra.RRALayer.from_self_attention(to_k, 2 * to_k)
     assert all(p.dtype == torch.float64 for p in layer.parameters())
     assert torch.equal(layer.to_k_res.weight, to_k) and torch.equal(layer.to_v_res.weight, 2 * to_k)  # no rounding
+
+
+def test_layer_parameters_are_made_on_the_requested_device():
+    """Meta stands in for an accelerator: every parameter on it, also for a layer copied from meta weights."""
+    layer = rra.RRALayer(4, device="meta")
+    assert {p.device.type for p in layer.parameters()} == {"meta"}
+    to_k = torch.empty(4, 4, device="meta")
+    assert {p.device.type for p in rra.RRALayer.from_self_attention(to_k, to_k).parameters()} == {"meta"}

@@ -300,6 +300,47 @@ def test_reference_augmentation_pastes_a_smooth_shrink_and_mirrors_before_it():
     assert pasted > 5 and small > 2
 
 
+def test_reference_augmentation_does_not_flip_at_exactly_one_half():
+    """Flip when r3 < 0.5 (the authors' train.py): seed 5838844 (found by a search over seeds) draws r3 = 0.5
+    exactly, so the flip=True call equals the unflipped one."""
+    ramp = torch.arange(16, dtype=torch.float32).expand(4, 16, 16).clone()
+    mask, canvas = torch.ones(1, 16, 16), torch.zeros(4, 16, 16)
+    assert torch.rand(4, generator=torch.Generator().manual_seed(5838844))[3] == 0.5
+    flipped = training.augment_reference(ramp, mask, canvas, torch.Generator().manual_seed(5838844), flip=True)
+    plain = training.augment_reference(ramp, mask, canvas, torch.Generator().manual_seed(5838844))
+    assert torch.equal(flipped[0], plain[0]) and torch.equal(flipped[1], plain[1])
+
+
+def test_saved_tensors_are_copied_to_the_cpu():
+    """From meta parameters (an accelerator's stand-in, with no values) the copy to the CPU is refused."""
+    from eqdiff_core.rra import RRALayer
+
+    p = training.ConceptParameters(torch.randn(8), torch.randn(8), {}, {}, torch.zeros(3, 1, 2, 8)).to("meta")
+    opt = training.make_optimizer(p, 1e-2, training.settings_for("official"))
+    with pytest.raises(NotImplementedError, match=re.escape("Cannot copy out of meta tensor")):
+        training.optimizer_state(opt, p)  # the ICO contexts
+    with pytest.raises(NotImplementedError, match=re.escape("Cannot copy out of meta tensor")):
+        training.ConceptParameters(torch.randn(8), torch.randn(8), {}, {"output.1.0": RRALayer(4)}).to("meta").to_concept({})
+
+
+@pytest.mark.cuda
+def test_cuda_parameters_get_a_fused_optimizer_and_cpu_copies():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from eqdiff_core.rra import RRALayer
+
+    p = training.ConceptParameters(torch.randn(8), torch.randn(8), {"w": torch.randn(3, 8)}, {"output.1.0": RRALayer(4)},
+                                   torch.zeros(3, 1, 2, 8)).cuda()
+    opt = training.make_optimizer(p, 1e-2, training.settings_for("official"))
+    assert opt.defaults["fused"] is True  # AdamW's fused CUDA kernel
+    concept = p.to_concept({}, torch.randn(1, 5, 8, device="cuda"))
+    assert {t.device.type for t in concept.tensors().values()} == {"cpu"}
+    assert training.optimizer_state(opt, p)[training.ICO_STATE].device.type == "cpu"
+    # branches on the GPU pick rows of CPU embeddings (moved to the table's device)
+    lf, hf = torch.randn(8), torch.randn(8)
+    assert torch.equal(training.branch_embeddings(lf, hf, torch.tensor([training.HIGH], device="cuda")), hf[None])
+
+
 def test_reference_augmentation_of_a_one_pixel_latent():
     """The smallest latent: the paste is at least 1 pixel and the enlargement (round(1 * s) = 1) leaves
     only the crop at (0, 0), so every draw gives the pixel back on a full mask."""
