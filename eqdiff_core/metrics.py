@@ -121,7 +121,8 @@ class ImageTransform:
         crop = None
         if getattr(processor, "do_center_crop", False):
             crop = (int(processor.crop_size["height"]), int(processor.crop_size["width"]))
-        scale = 255.0 * float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 255.0
+        # processors without the setting (LayoutLMv2) do not rescale: their pixel values stay 0-255
+        scale = 255.0 * float(processor.rescale_factor) if getattr(processor, "do_rescale", False) else 255.0
         mean = std = None
         if getattr(processor, "do_normalize", False):
             mean, std = tuple(map(float, processor.image_mean)), tuple(map(float, processor.image_std))

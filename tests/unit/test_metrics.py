@@ -263,10 +263,15 @@ def test_clip_t_scores_and_input_messages():
 
 
 def test_from_hf_processor_reads_every_setting():
-    from transformers import CLIPImageProcessor, Swin2SRImageProcessor
+    from transformers import CLIPImageProcessor, LayoutLMv2ImageProcessor, Swin2SRImageProcessor
 
     # Swin2SR's processor has no resize, crop, resample or normalize settings: PIL's bicubic default, rescale only
     assert M.ImageTransform.from_hf_processor(Swin2SRImageProcessor()) == M.ImageTransform(value_scale=1.0)
+    # LayoutLMv2's has no rescale setting and gives 0-255 values (HF turns a 200 pixel into 200.0): 224x224 bilinear
+    layout = LayoutLMv2ImageProcessor(apply_ocr=False)
+    assert np.unique(layout(np.full((20, 30, 3), 200, np.uint8), return_tensors="np")["pixel_values"]).tolist() == [200]
+    assert M.ImageTransform.from_hf_processor(layout) == M.ImageTransform(
+        resize_to=(224, 224), resample="bilinear", value_scale=255.0)
     plain = M.ImageTransform.from_hf_processor(CLIPImageProcessor(do_rescale=False, do_normalize=False))
     assert plain == M.ImageTransform(shortest_edge=224, crop=(224, 224), value_scale=255.0)
     x = torch.rand(1, 3, 224, 224)
