@@ -329,7 +329,7 @@ class ClipEncoder(ImageEncoder):
         try:
             model = CLIPModel.from_pretrained(folder, local_files_only=True).to(dtype)
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as err:
+        except Exception as err:  # a broken folder raises whatever transformers, safetensors or tokenizers meet
             raise MetricModelError(f"clip model folder '{folder}' cannot be loaded: {err}") from err
         return cls(model, tokenizer, image_transform(folder, "clip", preprocessing))
 
@@ -368,7 +368,7 @@ class DinoEncoder(ImageEncoder):
         extra = {"add_pooling_layer": False} if model_type == "vit" else {}
         try:
             model = classes[model_type].from_pretrained(folder, local_files_only=True, **extra).to(dtype)
-        except (OSError, ValueError) as err:
+        except Exception as err:  # a broken folder raises whatever transformers, safetensors or tokenizers meet
             raise MetricModelError(f"dino model folder '{folder}' cannot be loaded: {err}") from err
         return cls(model, image_transform(folder, "dino", preprocessing))
 

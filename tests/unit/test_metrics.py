@@ -5,6 +5,7 @@ random-weight CLIP / DINO models built with transformers."""
 import json
 import math
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -328,6 +329,28 @@ def test_model_folder_preprocessing_of_clip_and_its_messages(folders, tmp_path):
     (no_config / "tokenizer_config.json").write_text("[")  # not JSON: the tokenizer cannot be read
     with pytest.raises(M.MetricModelError, match=re.escape(f"clip model folder '{no_config}' cannot be loaded: ")):
         M.ClipEncoder.load(str(no_config))
+
+
+@pytest.mark.parametrize("kind, broken", [("clip", "empty weights"), ("dino", "empty weights"),
+                                           ("clip", "weights of another size"), ("dino", "weights of another size"),
+                                           ("clip", "broken tokenizer.json")])
+def test_a_broken_model_folder_is_named(folders, tmp_path, kind, broken):
+    """Each break raises something else inside transformers (SafetensorError, RuntimeError, the tokenizers
+    library's Exception); the user gets the folder named in every case."""
+    folder = tmp_path / kind
+    shutil.copytree(folders[kind], folder)
+    if broken == "empty weights":
+        (folder / "model.safetensors").write_bytes(b"")
+    elif broken == "weights of another size":
+        config = json.loads((folder / "config.json").read_text())
+        section = config["vision_config"] if kind == "clip" else config
+        section["hidden_size"] *= 2
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        (folder / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    load = M.ClipEncoder.load if kind == "clip" else M.DinoEncoder.load
+    with pytest.raises(M.MetricModelError, match="^" + re.escape(f"{kind} model folder '{folder}' cannot be loaded: ")):
+        load(str(folder))
 
 
 def test_evaluate_reports_progress_per_chunk_and_keeps_the_weight(folders):
