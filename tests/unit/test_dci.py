@@ -138,7 +138,8 @@ def test_lambda_zero_still_injects_about_half_in_the_background():
 
 def test_branch_probabilities_must_be_three_dimensional_and_aligned():
     probs = torch.softmax(torch.randn(2, 16, 77), -1)
-    for a, b in ((probs[0], probs[0]), (probs, probs[:, :8]), (probs, probs[:1]), (probs[None], probs[None])):
+    for a, b in ((probs[0], probs[0]), (probs, probs[:, :8]), (probs, probs[:1]), (probs[None], probs[None]),
+                 (probs[..., None], probs), (probs, probs[..., None])):
         with pytest.raises(ValueError, match="^" + re.escape(
                 f"attention probabilities must be (BH, N, T) for both branches, got {tuple(a.shape)} and "
                 f"{tuple(b.shape)}") + "$"):

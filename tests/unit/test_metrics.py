@@ -189,6 +189,19 @@ def test_model_folder_preprocessing_follows_the_folder(folders):
     assert M.DinoEncoder.load(str(folders["dino"])).transform == M.CUSTOM_DIFFUSION_DINO
 
 
+def test_a_vit_dino_loads_without_a_pooler_in_the_asked_dtype(folders, tmp_path):
+    """DINO's feature is the CLS token; a ViT's pooler is not in the checkpoint and would be made with random
+    weights (transformers warns so), so the encoder is built without it."""
+    vit = M.DinoEncoder.load(str(folders["dino"]), dtype=torch.float64)
+    assert vit.model.pooler is None and {p.dtype for p in vit.model.parameters()} == {torch.float64}
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["dino"], broken)
+    (broken / "preprocessor_config.json").write_text("[")
+    with pytest.raises(M.MetricModelError, match="^" + re.escape(
+            f"dino model folder '{broken}': preprocessor_config.json cannot be read: ")):  # + transformers' words
+        M.image_transform(str(broken), "dino", "model_folder")
+
+
 def test_missing_or_wrong_folders_say_what_is_expected(folders, tmp_path):
     with pytest.raises(M.MetricModelError, match=r"clip model folder '.*nowhere' does not exist.*config.json"):
         M.ClipEncoder.load(str(tmp_path / "nowhere"))
