@@ -100,6 +100,21 @@ def test_ico_prompt_carries_each_photos_own_contexts_and_class_images_keep_their
     assert torch.equal(context[3], backend.class_context()[0])  # the class image: the plain class prompt
 
 
+@pytest.mark.parametrize("index_device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_batch_indices_on_another_device_pick_the_same_rows(index_device):
+    """text_context moves the batch's indices to the parameters' device (CUDA indices cannot index CPU
+    tensors), with ICO contexts and without: the rows equal those of a batch on the parameters' device."""
+    if index_device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    backend = MethodsStandIn()
+    photos, branches = torch.tensor([2, 0, 2]), torch.tensor([training.HIGH, training.ORIGINAL, training.LOW])
+    none = torch.zeros(0, dtype=torch.long)
+    here = training.Batch(photos, branches, none, none)
+    there = training.Batch(photos.to(index_device), branches.to(index_device), none, none)
+    for p in (ico_params(), params()):
+        assert torch.equal(training.text_context(p, backend, there), training.text_context(p, backend, here))
+
+
 def test_ico_contexts_get_gradient_only_from_their_own_photos_rows():
     """The contexts' .grad is the sum, over the batch rows of the same (branch, photo), of that row's own
     gradient, and zero for every (branch, photo) not in the batch; the class image gives none."""
