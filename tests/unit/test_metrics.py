@@ -112,6 +112,21 @@ def test_preprocessing_channels_and_small_images():
         M.CUSTOM_DIFFUSION_CLIP(torch.rand(1, 2, 8, 8))
 
 
+@pytest.mark.parametrize("height, width, crop", [(5, 12, (8, 7)), (10, 4, (6, 7)), (9, 11, (4, 6))])
+def test_center_crop_equals_hfs_on_3d_and_4d_images(height, width, crop):
+    """transformers' center_crop (numpy, channels first) is the reference: one side smaller than the crop
+    (odd padding: 3 rows, 3 columns) and the other larger, or both larger."""
+    from transformers.image_transforms import center_crop as hf_center_crop
+
+    x = torch.rand(2, 3, height, width) + 0.5
+    want = torch.stack([torch.from_numpy(hf_center_crop(i.numpy(), crop, input_data_format="channels_first"))
+                        for i in x])
+    assert torch.equal(M.center_crop(x, crop), want)
+    assert torch.equal(M.center_crop(x[0], crop), want[0])
+    if height >= crop[0] and width >= crop[1]:  # nothing to pad: a slice of the batch, as HF's, not a copy
+        assert M.center_crop(x, crop).untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
 def test_metrics_match_hand_computed_cosines(folders):
     from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
@@ -218,6 +233,46 @@ def test_missing_or_wrong_folders_say_what_is_expected(folders, tmp_path):
         M.ClipEncoder.load(str(folders["dino"]))
     with pytest.raises(M.MetricModelError, match="holds a 'clip' model.*model_type vit or dinov2"):
         M.DinoEncoder.load(str(folders["clip"]))
+
+
+def test_dino_folder_messages_in_full(tmp_path):
+    """check_model_folder with its default preprocessing; the wording the user reads, by hand."""
+    expected = ("it must be a Hugging Face-format DINO (e.g. facebook/dino-vits16) model folder with config.json, "
+                "model.safetensors or pytorch_model.bin")
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(M.MetricModelError, match="^" + re.escape(
+            f"dino model folder '{tmp_path}' lacks model.safetensors or pytorch_model.bin: {expected}") + "$"):
+        M.check_model_folder(str(tmp_path), "dino")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text("{}")  # no model_type: an empty one
+    with pytest.raises(M.MetricModelError, match="^" + re.escape(
+            f"dino model folder '{tmp_path}' holds a '' model; {expected} (config.json model_type vit or dinov2)") + "$"):
+        M.check_model_folder(str(tmp_path), "dino")
+    (tmp_path / "config.json").write_text("[")
+    with pytest.raises(M.MetricModelError) as err:
+        M.check_model_folder(str(tmp_path), "dino")
+    with pytest.raises(json.JSONDecodeError) as json_err:  # the json module's own words end the message
+        json.loads("[")
+    assert str(err.value) == f"'{tmp_path / 'config.json'}' is not a readable JSON object: {json_err.value}"
+
+
+def test_config_json_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """HF writes config.json in UTF-8; under a non-UTF-8 locale (here C: ASCII) open()'s default would fail."""
+    import codecs
+    import locale
+    import sys
+
+    if sys.flags.utf8_mode:
+        pytest.skip("Python's UTF-8 mode: open() reads UTF-8 whatever the locale")
+    (tmp_path / "config.json").write_bytes('{"model_type": "vit", "_name_or_path": "café"}'.encode("utf-8"))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        assert codecs.lookup(locale.getencoding()).name == "ascii"  # what open() reads with by default
+        M.check_model_folder(str(tmp_path), "dino")
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)
 
 
 def test_bad_inputs(folders):
