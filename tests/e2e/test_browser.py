@@ -40,12 +40,19 @@ def test_ui_workflow_loads_queues_and_completes(server, artifacts, path):
         entry = server.wait(new_history_entry(server, before))
         assert entry["status"]["status_str"] == "success"
         assert entry["outputs"], "the workflow output nothing"
-        # every image the server sent reached the frontend's store of node previews (what the nodes draw)
-        shown = page.evaluate("""() => Object.fromEntries(Object.entries(window.comfyAPI.app.app.nodeOutputs ?? {})
-                                   .map(([id, out]) => [id, (out?.images ?? []).map(i => i.filename)]))""")
-        for node_id, out in entry["outputs"].items():
-            if out.get("images"):
-                assert shown.get(node_id) == [i["filename"] for i in out["images"]], f"node {node_id}'s previews"
+        # every image the server sent reached the frontend's store of node previews (what the nodes draw); the
+        # history entry can be there before the browser has handled the last "executed" message, so wait a little
+        sent = {node_id: [i["filename"] for i in out["images"]] for node_id, out in entry["outputs"].items()
+                if out.get("images")}
+        deadline = time.monotonic() + 60
+        while True:
+            shown = page.evaluate("""() => Object.fromEntries(Object.entries(window.comfyAPI.app.app.nodeOutputs ?? {})
+                                       .map(([id, out]) => [id, (out?.images ?? []).map(i => i.filename)]))""")
+            if all(shown.get(k) == v for k, v in sent.items()) or time.monotonic() > deadline:
+                break
+            page.wait_for_timeout(250)
+        for node_id, filenames in sent.items():
+            assert shown.get(node_id) == filenames, f"node {node_id}'s previews"
         page.evaluate("() => window.comfyAPI.app.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
         page.wait_for_timeout(1500)  # let the previews render before the screenshot
         page.screenshot(path=str(artifacts / f"browser_{path.stem}.png"))
