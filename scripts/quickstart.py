@@ -28,6 +28,14 @@ ASSETS = REPO / "workflows" / "assets"
 TINY_CHECKPOINT = "eqdiff_tiny_sd15.safetensors"
 
 
+def copy_sample_assets(input_dir: Path) -> None:
+    """The shipped sample photos into ComfyUI's input folder as the workflows name them: the top-level
+    photo and mask (core's Load Image lists only the top of input/) and the subject folder backpack_dog/."""
+    for asset in [*ASSETS.glob("*.jpg"), *ASSETS.glob("*.png")]:
+        shutil.copy(asset, input_dir / asset.name)
+    shutil.copytree(ASSETS / "backpack_dog", input_dir / "backpack_dog", dirs_exist_ok=True)
+
+
 def use_checkpoint(prompt: dict, ckpt_name: str) -> dict:
     """Point every checkpoint loader of an API-format prompt at ``ckpt_name``."""
     for node in prompt.values():
@@ -116,9 +124,7 @@ def main() -> int:
     server = ComfyServer(args.out, cpu=not gpu, extra_model_paths=extra_paths)
     print(f"[quickstart] starting ComfyUI ({'GPU' if gpu else 'CPU'}) at {server.url}, log: {server.log_path}")
     with server:
-        for asset in [*ASSETS.glob("*.jpg"), *ASSETS.glob("*.png")]:
-            shutil.copy(asset, server.input_dir / asset.name)
-        shutil.copytree(ASSETS / "backpack_dog", server.input_dir / "backpack_dog", dirs_exist_ok=True)
+        copy_sample_assets(server.input_dir)
         started = time.monotonic()
         try:
             entry = server.run(prompt)

@@ -6,9 +6,9 @@ import pytest
 from comfy_env import BASE_DIR, COMFY_DIR, ENV, REPO, TINY_CHECKPOINT
 from comfy_server import ComfyServer
 from frontend import write_frontend_settings
+from quickstart import copy_sample_assets
 
 ARTIFACTS = REPO / "artifacts" / "e2e"
-ASSETS = REPO / "workflows" / "assets"
 
 
 TEST_CONCEPT = "backpack_dog.safetensors"
@@ -55,9 +55,7 @@ def server():
                       extra_model_paths=[yaml_path], base_dir=BASE_DIR)
     write_frontend_settings(srv.work_dir / "user")
     srv.start()
-    for asset in [*ASSETS.glob("*.jpg"), *ASSETS.glob("*.png")]:
-        shutil.copy(asset, srv.input_dir / asset.name)
-    shutil.copytree(ASSETS / "backpack_dog", srv.input_dir / "backpack_dog")  # photos and masks/
+    copy_sample_assets(srv.input_dir)
     yield srv
     srv.stop()
 
