@@ -32,20 +32,22 @@ def session(registered_nodes, tiny, pack):
     return params, data, backend, settings
 
 
-def unet_weights(model):
-    """The weights of this MODEL: clones share one module, and the loaded clone's patches are in it."""
+def own_weights(patcher, module) -> dict:
+    """The weights of this MODEL, CLIP or VAE: clones share one module, and the loaded clone's patches are in it
+    (which clone another test left loaded depends on what ComfyUI unloaded for memory), so load this one first."""
     import comfy.model_management
 
-    comfy.model_management.load_models_gpu([model])
-    return {k: v.clone() for k, v in model.get_model_object("diffusion_model").state_dict().items()}
+    comfy.model_management.load_models_gpu([patcher])
+    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def test_frozen_weights_are_untouched_and_only_the_concept_changes(registered_nodes, tiny):
     model, clip, vae = tiny
-    before = (unet_weights(model), {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()},
-              {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()})
+    parts = [(model, model.get_model_object("diffusion_model")), (clip.patcher, clip.cond_stage_model),
+             (vae.patcher, vae.first_stage_model)]
+    before = [own_weights(*part) for part in parts]
     concept, out_model, out_clip, plot, token = run_trainer(registered_nodes, tiny, steps=2)
-    after = (unet_weights(model), clip.cond_stage_model.state_dict(), vae.first_stage_model.state_dict())
+    after = [own_weights(*part) for part in parts]
     for b, a in zip(before, after):
         assert b.keys() == a.keys() and all(torch.equal(b[k], a[k]) for k in b)
     assert token == "<unit>" and plot.shape[0] == 1 and plot.shape[-1] == 3
