@@ -112,6 +112,19 @@ def test_preprocessing_channels_and_small_images():
         M.CUSTOM_DIFFUSION_CLIP(torch.rand(1, 2, 8, 8))
 
 
+@pytest.mark.parametrize("height, width", [(300, 200), (200, 300), (224, 250), (250, 250), (97, 1000)])
+def test_output_size_is_hfs_shortest_edge_rule(height, width):
+    """transformers' get_resize_output_image_size (shortest edge, aspect kept, the long side truncated)
+    is the reference. This test only does arithmetic, so it fails before a wrong size reaches a resize."""
+    from transformers.image_transforms import get_resize_output_image_size
+
+    want = get_resize_output_image_size(np.zeros((3, height, width)), size=224, default_to_square=False,
+                                        input_data_format="channels_first")
+    assert M.ImageTransform(shortest_edge=224).output_size(height, width) == tuple(want)
+    assert M.ImageTransform(resize_to=(20, 30)).output_size(height, width) == (20, 30)
+    assert M.ImageTransform().output_size(height, width) == (height, width)
+
+
 @pytest.mark.parametrize("height, width, crop", [(5, 12, (8, 7)), (10, 4, (6, 7)), (9, 11, (4, 6))])
 def test_center_crop_equals_hfs_on_3d_and_4d_images(height, width, crop):
     """transformers' center_crop (numpy, channels first) is the reference: one side smaller than the crop
