@@ -65,8 +65,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):  # a harmless container some files hold
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError, Exception) as e:  # noqa: B014
-        head = path.read_bytes()[:64]
-        hint = " It looks like an HTML page, not weights: download the file again." if b"<" in head[:16] else ""
+        with open(path, "rb") as f:  # a damaged checkpoint can be gigabytes: read only its head
+            head = f.read(16)
+        hint = " It looks like an HTML page, not weights: download the file again." if b"<" in head else ""
         raise GroundingError(
             f"{path.name} cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             f"The file is damaged, incomplete or not a checkpoint.{hint} Replace it with the original "
@@ -706,8 +707,7 @@ def grounded_masks(dino: GroundingDino, sam: Sam, images: torch.Tensor, prompt: 
         probs, boxes = dino_forward(dino, dino_inputs(image[None].to(next(dino.model.parameters()).device), detect_size), input_ids)
         det = select_boxes(probs[0], boxes[0], owner, h, w, box_threshold, text_threshold, best_only)
         det = Detection(det.boxes.cpu(), det.scores.cpu(), det.phrases)
-        if det.boxes.shape[0]:
-            masks[i] = segment(sam, image.to(next(sam.model.parameters()).device), det.boxes).to(images.device)
+        masks[i] = segment(sam, image.to(next(sam.model.parameters()).device), det.boxes).to(images.device)
         detections.append(det)
         if on_image is not None:
             on_image(i)

@@ -1,6 +1,7 @@
 """eqdiff_core.grounding without models: prompts, box selection, mask refinement, file errors."""
 
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -44,6 +45,10 @@ def test_box_selection_thresholds_and_pixel_boxes():
     assert g.select_boxes(probs, boxes, owner, 100, 200, 0.3, 0.4, False).scores.tolist() == [0.5]
     assert g.select_boxes(probs, boxes, owner, 100, 200, 0.0, 0.0, True).scores.tolist() == [0.5]
     assert g.select_boxes(probs, boxes, owner, 100, 200, 0.6, 0.0, True).boxes.shape == (0, 4)
+    # a score equal to a threshold reaches it (0.5 is exact in float32)
+    assert g.select_boxes(probs, boxes, owner, 100, 200, 0.5, 0.0, False).scores.tolist() == [0.5]
+    tie = g.select_boxes(probs, boxes, owner, 100, 200, 0.0, 0.5, False)
+    assert tie.scores.tolist() == [0.5] and tie.phrases == [[0]]
 
 
 def test_refine_mask_matches_a_max_filter_and_stays_monotone():
@@ -174,16 +179,74 @@ def test_refine_mask_on_cuda_matches_cpu():
     assert out.device.type == "cuda" and torch.allclose(out.cpu(), g.refine_mask(mask, 2, 1.5), atol=1e-6)
 
 
+@pytest.mark.cuda
+def test_box_selection_takes_the_token_owners_to_the_probabilities_device():
+    """PyTorch refuses to index a CPU tensor with a CUDA mask, so owners on the GPU beside CPU
+    probabilities fail a selection that does not move them; the result is the all-CPU one."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    owner = torch.tensor([-1, 0, -1, 1, -1])
+    probs = torch.tensor([[0.9, 0.5, 0.99, 0.1, 0.0], [0.0, 0.2, 0.0, 0.35, 0.0]])
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.25, 0.25, 0.5, 0.5]])
+    on_cpu = g.select_boxes(probs, boxes, owner, 100, 200, 0.3, 0.25, best_only=False)
+    mixed = g.select_boxes(probs, boxes, owner.cuda(), 100, 200, 0.3, 0.25, best_only=False)
+    assert torch.equal(mixed.boxes, on_cpu.boxes) and torch.equal(mixed.scores, on_cpu.scores)
+    assert mixed.phrases == on_cpu.phrases == [[0], [1]]
+
+
 def test_unreadable_files_are_named(tmp_path):
     with pytest.raises(g.GroundingError, match="does not exist"):
         g.read_checkpoint(tmp_path / "missing.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(g.GroundingError, match="no state dict of tensors"):
         g.read_checkpoint(tmp_path / "list.pth")
+    for name, content in [("empty.pth", {}), ("numbers.pth", {"a": torch.ones(1), "b": 1})]:
+        torch.save(content, tmp_path / name)
+        with pytest.raises(g.GroundingError, match=f"^{name} holds no state dict of tensors; it is not a "):
+            g.read_checkpoint(tmp_path / name)
     torch.save({"model": {"module.a": torch.ones(2)}}, tmp_path / "ok.pth")
     assert list(g.read_checkpoint(tmp_path / "ok.pth")) == ["a"]
+    torch.save({"state_dict": {"module.b": torch.ones(2), "c": torch.zeros(1)}, "epoch": 3}, tmp_path / "lightning.pth")
+    assert list(g.read_checkpoint(tmp_path / "lightning.pth")) == ["b", "c"]
     with pytest.raises(g.GroundingError, match="not an original GroundingDINO"):
         g.dino_spec({"a": torch.ones(1)})
+
+
+def _load_error(path) -> str:
+    """What torch.load itself says about the file: the reference for the message's reason."""
+    try:
+        torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whichever error torch raises is the one to name
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    raise AssertionError(f"torch.load read {path}")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("name, head, html", [
+    ("login.pth", b"<!DOCTYPE html><html><body>sign in</body></html>", True),
+    ("late.pth", b"\x80" * 15 + b"<html>", True),       # '<' at byte 15, the last one looked at
+    ("binary.pth", b"\x80" * 16 + b"<html>", False),    # '<' at byte 16: not an HTML page
+    ("code.pth", None, False),                          # a pickle that would run code when loaded
+])
+def test_an_unreadable_checkpoint_is_named_with_torchs_reason_and_what_to_do(tmp_path, name, head, html):
+    """The message names the file, quotes the first line (at most 200 characters) of torch.load's own
+    error, and hints at a saved web page only when a '<' is among the first 16 bytes. A file that holds
+    anything but tensors and plain containers is refused unread (weights_only), not run."""
+    path = tmp_path / name
+    if head is None:
+        torch.save({"a": torch.ones(1), "where": pathlib.PurePosixPath("x")}, path)
+    else:
+        path.write_bytes(head + bytes(range(256)))
+    hint = " It looks like an HTML page, not weights: download the file again." if html else ""
+    reason = _load_error(path)
+    want = (f"{name} cannot be read as weights ({reason}). The file is damaged, incomplete or not a "
+            f"checkpoint.{hint} Replace it with the original .pth (loaded with torch.load(weights_only=True)) "
+            "or a .safetensors copy.")
+    with pytest.raises(g.GroundingError) as info:
+        g.read_checkpoint(path)
+    assert str(info.value) == want
+    # torch's first line about the HTML page runs past 200 characters: there the cut is checked
+    assert name != "login.pth" or len(reason.split(": ", 1)[1]) == 200
 
 
 def test_detect_size_grows_until_there_are_enough_tokens_for_the_queries():
@@ -209,11 +272,13 @@ def test_detect_size_counts_tokens_at_the_four_strides_rounding_up():
     """Tokens at shape (h, w): sum over s in 8, 16, 32, 64 of ceil(h / s) * ceil(w / s), by hand.
     512 x 512 at 224: 28*28 + 14*14 + 7*7 + 4*4 = 1045 (3.5 -> 4); 128, 160, 192 give fewer; 256 is next.
     600 x 1000 at 128 is 128 x 213: 16*27 + 8*14 + 4*7 + 2*4 = 580; at 160, 160 x 266: 20*34 + 10*17
-    + 5*9 + 3*5 = 910."""
+    + 5*9 + 3*5 = 910. 500 x 1008 at 128 is 128 x 258, a side just past 8 * 32 and 4 * 64 (so a wrong
+    stride there counts fewer tokens): 16*33 + 8*17 + 4*9 + 2*5 = 710."""
     assert g.fit_detect_size(128, 512, 512, 1045) == 224 and g.fit_detect_size(128, 512, 512, 1046) == 256
     assert g.fit_detect_size(128, 600, 1000, 580) == 128 and g.fit_detect_size(128, 600, 1000, 581) == 160
     assert g.fit_detect_size(128, 600, 1000, 910) == 160 and g.fit_detect_size(128, 600, 1000, 911) == 192
     assert g.fit_detect_size(128, 1000, 600, 910) == 160 and g.fit_detect_size(128, 1000, 600, 911) == 192
+    assert g.fit_detect_size(128, 500, 1008, 710) == 128 and g.fit_detect_size(128, 500, 1008, 711) == 160
 
 
 # -- input preparation, box scaling and mask assembly against the original libraries ------------------

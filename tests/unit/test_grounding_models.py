@@ -81,6 +81,7 @@ def test_grounded_masks_keep_the_batch_and_union_the_boxes(dino, sam):
                                             detect_size=128, on_image=seen.append)
     assert masks.shape == (2, 96, 128) and masks.dtype == torch.bool and seen == [0, 1]
     assert [d.boxes.shape for d in detections] == [(1, 4)] * 2 and [d.scores.shape for d in detections] == [(1,)] * 2
+    assert [d.phrases for d in detections] == [[[0, 1]]] * 2, "text threshold 0: every token names its phrase"
     assert torch.equal(masks[1], core.segment(sam, images[1], detections[1].boxes)), "SAM's mask for the kept box"
     alone, alone_dets = core.grounded_masks(dino, sam, images[1:], "cat . red dog", 0.0, 0.0, best_only=True,
                                             detect_size=128)
@@ -91,7 +92,26 @@ def test_grounded_masks_keep_the_batch_and_union_the_boxes(dino, sam):
     assert (every[0] >= masks[0]).all() and every[0].sum() > masks[0].sum(), "the union of all boxes' masks"
     none, nothing = core.grounded_masks(dino, sam, images, "cat", 1.01, 0.0, detect_size=128)
     assert not none.any() and all(d.boxes.shape[0] == 0 for d in nothing), "no score exceeds 1: nothing kept"
-    assert not core.segment(sam, images[0], torch.zeros(0, 4)).any()
+    empty = core.segment(sam, images[0], torch.zeros(0, 4))
+    assert empty.shape == (96, 128) and empty.dtype == torch.bool and not empty.any()
+
+
+def test_the_detection_size_defaults_to_groundingdinos_800():
+    """Grounded-SAM's demo prepares images with RandomResize([800], max_size=1333)."""
+    import inspect
+
+    assert inspect.signature(core.grounded_masks).parameters["detect_size"].default == 800
+
+
+def test_a_prompt_longer_than_the_text_window_is_cut_to_it(dino, sam):
+    """GroundingDINO reads at most max_text_len (256) tokens: 130 phrases "dog ." are 262 tokens with
+    [CLS] and [SEP], so the caption is cut after the 128th "dog" (token 256) and only phrases 0..127
+    can name a box."""
+    assert dino.model.config.max_text_len == 256
+    image = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(3))
+    _, detections = core.grounded_masks(dino, sam, image, " . ".join(["dog"] * 130), 0.0, 0.0, best_only=True,
+                                        detect_size=128)
+    assert detections[0].phrases == [list(range(128))]
 
 
 def test_bert_folder_checks(files, tmp_path):
@@ -173,3 +193,21 @@ def test_a_file_of_another_kind_is_named(real_shapes):
         core.sam_spec(_meta(real_shapes["swin_T_224_1k"]))
 
 
+
+
+@pytest.mark.cuda
+def test_masks_come_back_on_the_images_device_whatever_the_models_device(dino, sam):
+    """Models on the CPU, images on the GPU: each step moves what it needs to its model and the masks
+    come back to the images (the all-CPU result, on the GPU)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    images = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    want, want_dets = core.grounded_masks(dino, sam, images, "cat . red dog", 0.0, 0.0, best_only=True, detect_size=128)
+    masks, dets = core.grounded_masks(dino, sam, images.cuda(), "cat . red dog", 0.0, 0.0, best_only=True,
+                                      detect_size=128)
+    assert masks.device.type == "cuda" and torch.equal(masks.cpu(), want)
+    assert torch.equal(dets[0].boxes, want_dets[0].boxes) and dets[0].boxes.device.type == "cpu"
+    one = core.segment(sam, images[0].cuda(), want_dets[0].boxes)
+    assert one.device.type == "cuda" and torch.equal(one.cpu(), want[0])
+    empty = core.segment(sam, images[0].cuda(), torch.zeros(0, 4))
+    assert empty.device.type == "cuda" and empty.shape == (96, 128) and not empty.any()
