@@ -181,8 +181,8 @@ def test_refine_mask_on_cuda_matches_cpu():
 
 @pytest.mark.cuda
 def test_box_selection_takes_the_token_owners_to_the_probabilities_device():
-    """PyTorch refuses to index a CPU tensor with a CUDA mask, so owners on the GPU beside CPU
-    probabilities fail a selection that does not move them; the result is the all-CPU one."""
+    """PyTorch refuses to index a CPU tensor with a CUDA mask, so owners and probabilities on different
+    devices (either way round) fail a selection that does not move the owners; the result is the CPU one."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     owner = torch.tensor([-1, 0, -1, 1, -1])
@@ -192,6 +192,16 @@ def test_box_selection_takes_the_token_owners_to_the_probabilities_device():
     mixed = g.select_boxes(probs, boxes, owner.cuda(), 100, 200, 0.3, 0.25, best_only=False)
     assert torch.equal(mixed.boxes, on_cpu.boxes) and torch.equal(mixed.scores, on_cpu.scores)
     assert mixed.phrases == on_cpu.phrases == [[0], [1]]
+    on_gpu = g.select_boxes(probs.cuda(), boxes.cuda(), owner, 100, 200, 0.3, 0.25, best_only=False)
+    assert torch.equal(on_gpu.boxes.cpu(), on_cpu.boxes) and on_gpu.phrases == [[0], [1]]
+
+
+@pytest.mark.cuda
+def test_a_checkpoint_saved_from_the_gpu_is_read_to_the_cpu(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.save({"model": {"a": torch.ones(2, device="cuda")}}, tmp_path / "gpu.pth")
+    assert g.read_checkpoint(tmp_path / "gpu.pth")["a"].device.type == "cpu"
 
 
 def test_unreadable_files_are_named(tmp_path):

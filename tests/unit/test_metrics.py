@@ -75,6 +75,26 @@ def test_preprocessing_equals_the_hf_processor(folders, name, size):
     assert diff.mean() < 0.5 / 255 / min(processor.image_std)
 
 
+@pytest.mark.parametrize("size", [(300, 451), (97, 211)])
+def test_nearest_resampling_equals_the_hf_processors(size):
+    """A processor with resample 0 (PIL NEAREST: the source pixel under each output pixel's centre) is
+    reproduced exactly by 'nearest-exact' on the 8-bit photo."""
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 40}, resample=0, crop_size={"height": 32, "width": 32},
+                                   image_mean=[0.5, 0.25, 0.125], image_std=[0.25, 0.5, 1.0])
+    photo = smooth_photo(*size, seed=7)
+    want = processor(images=photo, return_tensors="pt")["pixel_values"]
+    got = M.ImageTransform.from_hf_processor(processor)(as_tensor(photo))
+    assert got.shape == want.shape == (1, 3, 32, 32) and torch.allclose(got, want, atol=1e-5)
+
+
+def test_preprocessing_stays_on_the_images_device():
+    """Meta stands in for an accelerator: the mean and std are made where the images are."""
+    out = M.ImageTransform(mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))(torch.empty(2, 3, 8, 8, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 3, 8, 8)
+
+
 def test_custom_diffusion_transforms_are_the_protocols_torchvision_pipelines():
     from torchvision import transforms as T
 
