@@ -507,7 +507,7 @@ def tokenize_phrases(tokenizer, phrases: list[str], max_len: int = 256) -> tuple
 
 
 # -- detection -----------------------------------------------------------------------------------
-def detect_shape(height: int, width: int, size: int, max_size: int = 1333) -> tuple[int, int]:
+def detect_shape(height: int, width: int, size: int, max_size: int) -> tuple[int, int]:
     """GroundingDINO's resize rule (its datasets/transforms.py, ``get_size_with_aspect_ratio``):
     the shorter side becomes ``size``, lowered so that the longer side stays near ``max_size``, and
     the longer side is truncated, not rounded. Returns (h, w)."""
@@ -591,7 +591,7 @@ def select_boxes(probs: torch.Tensor, boxes: torch.Tensor, token_phrase: torch.T
 
 
 # -- segmentation --------------------------------------------------------------------------------
-def sam_shape(height: int, width: int, size: int = 1024) -> tuple[int, int]:
+def sam_shape(height: int, width: int, size: int) -> tuple[int, int]:
     """SAM's resize (ResizeLongestSide.get_preprocess_shape): the longer side ``size``, halves rounded up."""
     scale = size / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)

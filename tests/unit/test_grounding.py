@@ -25,11 +25,16 @@ def test_phrase_index_of_every_token(tmp_path):
         vocab[200 + i] = word
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast.from_pretrained(str(tmp_path), local_files_only=True)
-    ids, owner = g.tokenize_phrases(tok, g.parse_phrases("Dog, red backpack"))
-    assert ids[0].tolist() == [101, 200, 1012, 201, 202, 203, 1012, 102]
-    assert owner.tolist() == [-1, 0, -1, 1, 1, 1, -1, -1]
-    with pytest.raises(g.GroundingError, match="prompt"):
+    ids, owner = g.tokenize_phrases(tok, g.parse_phrases("Dog, red backpack. dog"))
+    assert ids[0].tolist() == [101, 200, 1012, 201, 202, 203, 1012, 200, 1012, 102]
+    assert owner.tolist() == [-1, 0, -1, 1, 1, 1, -1, 2, -1, -1]
+    # GroundingDINO's text window: max_text_len 256 tokens, [CLS] included, the rest cut
+    ids, owner = g.tokenize_phrases(tok, ["dog"] * 200)
+    assert ids.shape == (1, 256) and owner.tolist()[-3:] == [126, -1, 127]
+    with pytest.raises(g.GroundingError) as empty:
         g.tokenize_phrases(tok, [])
+    assert str(empty.value) == ("The prompt names nothing to find: write one or more phrases separated by '.' or "
+                                "',', e.g. 'dog . red backpack'.")
 
 
 def test_box_selection_thresholds_and_pixel_boxes():
@@ -292,61 +297,102 @@ def test_detect_size_counts_tokens_at_the_four_strides_rounding_up():
 
 
 # -- input preparation, box scaling and mask assembly against the original libraries ------------------
-def photo(h, w, seed=0):
-    """A smooth uint8 photo (H, W, 3), so 8-bit resizing differs from float resizing by rounding only."""
+def photo(h, w, seed=0, sharp=False):
+    """A smooth uint8 photo (H, W, 3), so 8-bit resizing differs from float resizing by rounding only;
+    ``sharp``: noise at every pixel, where shrinking without antialiasing (PIL always filters) shows."""
     gen = torch.Generator().manual_seed(seed)
+    if sharp:
+        return (torch.rand(h, w, 3, generator=gen) * 255).round().to(torch.uint8).numpy()
     coarse = torch.rand(1, 3, 6, 6, generator=gen)
     smooth = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
     return (smooth.clamp(0, 1)[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
-@pytest.mark.parametrize("h, w, size", [(96, 128, 128), (480, 640, 800), (100, 2000, 800), (333, 250, 160)])
-def test_detection_input_is_groundingdinos_transform(h, w, size):
+@pytest.mark.parametrize("h, w, size, max_size, sharp", [
+    (96, 128, 128, 1333, False), (480, 640, 800, 1333, False), (100, 2000, 800, 1333, False),
+    (333, 250, 160, 1333, True),
+    (500, 1000, 800, 1333, False),  # capped: round(1333 / 2) = 666 (Python rounds half to even), 1334 gives 667
+    (300, 900, 200, 450, False),    # another cap: 3 * 200 > 450, so 150 x 450
+])
+def test_detection_input_is_groundingdinos_transform(h, w, size, max_size, sharp):
     """Grounded-SAM prepares an image with GroundingDINO's own transforms: RandomResize([size],
     max_size=1333) (shorter side ``size``, longer side at most 1333), ToTensor, ImageNet Normalize."""
     import groundingdino.datasets.transforms as T
     from PIL import Image
 
-    pixels = photo(h, w)
-    original = T.Compose([T.RandomResize([size], max_size=1333), T.ToTensor(),
+    pixels = photo(h, w, sharp=sharp)
+    original = T.Compose([T.RandomResize([size], max_size=max_size), T.ToTensor(),
                           T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     want, _ = original(Image.fromarray(pixels), None)
-    ours = g.dino_inputs(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, size)[0]
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    ours = (g.dino_inputs(image, size) if max_size == 1333 else g.dino_inputs(image, size, max_size))[0]
     assert ours.shape == want.shape
     diff = (ours - want).abs()
     assert diff.max() < 3.0 / 255 / 0.224 and diff.mean() < 0.5 / 255 / 0.224  # PIL's 8-bit rounding
 
 
-@pytest.mark.parametrize("h, w", [(96, 128), (100, 130), (300, 177)])
-def test_segmentation_input_boxes_and_masks_are_sams(h, w):
-    """SAM's predictor: ResizeLongestSide(1024) for the image and the boxes, Sam.preprocess
-    (normalise, pad right and bottom), Sam.postprocess_masks then logits > 0 for the masks."""
+@pytest.mark.parametrize("h, w, size, sharp", [(96, 128, 1024, False), (100, 130, 1024, False),
+                                              (300, 177, 1024, False), (300, 177, 256, True)])
+def test_segmentation_input_boxes_and_masks_are_sams(h, w, size, sharp):
+    """SAM's predictor: ResizeLongestSide(size) for the image and the boxes, Sam.preprocess
+    (normalise, pad right and bottom to the encoder's size), Sam.postprocess_masks then logits > 0
+    (mask_threshold 0.0) for the masks. 256: an encoder of another size, and a shrinking resize."""
     from types import SimpleNamespace
 
     from PIL import Image
     from segment_anything.modeling import Sam
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    pixels = photo(h, w, seed=1)
-    resize = ResizeLongestSide(1024)
+    pixels = photo(h, w, seed=1, sharp=sharp)
+    resize = ResizeLongestSide(size)
     sam = SimpleNamespace(pixel_mean=torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1),
                           pixel_std=torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1),
-                          image_encoder=SimpleNamespace(img_size=1024))
+                          image_encoder=SimpleNamespace(img_size=size))
     resized = torch.from_numpy(resize.apply_image(pixels)).permute(2, 0, 1).float()
     want = Sam.preprocess(sam, resized)
-    ours = g.sam_inputs(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)
-    assert ours.shape == (1, 3, 1024, 1024)
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    ours = g.sam_inputs(image) if size == 1024 else g.sam_inputs(image, size)
+    assert ours.shape == (1, 3, size, size)
     inside = (slice(None), slice(0, resized.shape[1]), slice(0, resized.shape[2]))
     diff = (ours[0] - want)[inside].abs()
     assert diff.max() < 3.0 / 57.12 and diff.mean() < 0.5 / 57.12  # PIL's 8-bit rounding, in SAM's std units
     assert torch.equal(ours[0, :, resized.shape[1]:], want[:, resized.shape[1]:])  # the padding
     assert torch.equal(ours[0, :, :, resized.shape[2]:], want[:, :, resized.shape[2]:])
     boxes = torch.tensor([[3.0, 5.0, w - 7.0, h - 2.0], [0.0, 0.0, w / 2, h / 3]])
-    assert torch.allclose(g.sam_boxes(boxes, h, w), resize.apply_boxes_torch(boxes, (h, w)))
+    def sam_boxes(b):
+        return g.sam_boxes(b, h, w) if size == 1024 else g.sam_boxes(b, h, w, size)
+
+    def masks_to_image(low):
+        return g.masks_to_image(low, h, w) if size == 1024 else g.masks_to_image(low, h, w, size)
+
+    assert torch.allclose(sam_boxes(boxes), resize.apply_boxes_torch(boxes, (h, w)))
+    # SAM's factors new / old per axis, kept in the boxes' own precision (its apply_boxes_torch casts to float32)
+    nh, nw = resize.get_preprocess_shape(h, w, size)
+    factors = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=torch.float64)
+    assert torch.equal(sam_boxes(boxes.double()), boxes.double() * factors)
+    assert sam_boxes(boxes.half()).dtype == torch.float16
     logits = torch.randn(2, 1, 256, 256, generator=torch.Generator().manual_seed(2))
-    input_size = resize.get_preprocess_shape(h, w, 1024)
-    reference = Sam.postprocess_masks(sam, logits, input_size, (h, w))[:, 0] > 0.0
-    assert torch.equal(g.masks_to_image(logits[:, 0], h, w), reference)
+    reference = Sam.postprocess_masks(sam, logits, (nh, nw), (h, w))[:, 0] > 0.0
+    assert torch.equal(masks_to_image(logits[:, 0]), reference)
+    assert not masks_to_image(torch.zeros(1, 256, 256)).any(), "a logit of exactly 0 is not above the threshold"
+
+
+def test_detection_and_segmentation_inputs_stay_on_the_images_device():
+    """Meta stands in for an accelerator: the means, stds and box factors are made where the data is."""
+    image = torch.empty(1, 3, 96, 128, device="meta")
+    assert g.dino_inputs(image, 128).device.type == "meta" and g.sam_inputs(image, 64).device.type == "meta"
+    assert g.sam_boxes(torch.empty(2, 4, device="meta"), 96, 128).device.type == "meta"
+
+
+def test_pixel_boxes_are_clamped_to_the_image():
+    """Box edges outside the image are moved onto its border (SAM is given boxes inside the image).
+    200 x 100 image: (0.9, 0.95, 0.4, 0.3) spans x 140..220, y 80..110 -> 140..200, 80..100;
+    (0.1, 0.05, 0.4, 0.3) spans x -20..60, y -10..20 -> 0..60, 0..20; a box of 0.3 px stays 0.3 px."""
+    boxes = torch.tensor([[0.9, 0.95, 0.4, 0.3], [0.1, 0.05, 0.4, 0.3], [0.001, 0.002, 0.001, 0.002]])
+    probs = torch.tensor([[0.0, 0.9, 0.0]] * 3)
+    det = g.select_boxes(probs, boxes, torch.tensor([-1, 0, -1]), 100, 200, 0.3, 0.25, best_only=False)
+    want = torch.tensor([[140.0, 80.0, 200.0, 100.0], [0.0, 0.0, 60.0, 20.0], [0.1, 0.1, 0.3, 0.3]])
+    assert torch.allclose(det.boxes, want, atol=1e-4)
 
 
 def test_pixel_boxes_are_groundingdinos_cxcywh_to_xyxy_scaled():
