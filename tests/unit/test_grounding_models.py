@@ -6,11 +6,13 @@ Runs under transformers 4.x and 5.x (scripts/test.sh)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from eqdiff_core import grounding as core
 from grounding_files import assert_matches_reference, factory_files, reference
@@ -41,6 +43,13 @@ def sam(sam_state):
     return core.build_sam(sam_state)
 
 
+def _message(call, *args) -> str:
+    """The message of the GroundingError that call(*args) raises, as the user reads it."""
+    with pytest.raises(core.GroundingError) as e:
+        call(*args)
+    return str(e.value)
+
+
 def test_the_core_models_reproduce_the_original_implementations(files, dino, sam):
     assert_matches_reference(core, dino, sam, reference(files))
 
@@ -63,9 +72,21 @@ def test_pth_and_safetensors_hold_the_same_tensors(files, dino_state):
 
 
 def test_a_checkpoint_with_a_missing_or_misshapen_tensor_is_refused_by_name(sam_state, dino_state, files):
-    missing = {k: v for k, v in sam_state.items() if k != "mask_decoder.iou_prediction_head.layers.0.weight"}
-    with pytest.raises(core.GroundingError, match=r"my_sam.pth does not fit the SAM .*missing .*iou_prediction_head"):
-        core.build_sam(missing, "my_sam.pth")
+    """The message names the first 5 missing or 3 misshapen tensors, in the model's order (transformers'
+    SamFeedForward: proj_in, proj_out, then the hidden layers; the original's layers.0, layers.2, layers.1)."""
+    head = "mask_decoder.iou_prediction_head."
+    missing = {k: v for k, v in sam_state.items() if not k.startswith(head)}  # all 6 of the IoU head
+    assert _message(core.build_sam, missing, "my_sam.pth") == (
+        f"my_sam.pth does not fit the SAM ViT (dim 64, 2 blocks) architecture read from it: missing "
+        f"{head}proj_in.weight, {head}proj_in.bias, {head}proj_out.weight, {head}proj_out.bias, {head}layers.0.weight. "
+        f"The file may be truncated or a variant this pack does not support.")
+    bent = {**sam_state, **{head + k: sam_state[head + k][..., :-1] for k in
+                            ("layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.2.weight")}}
+    assert _message(core.build_sam, bent) == (
+        f"the file does not fit the SAM ViT (dim 64, 2 blocks) architecture read from it: "
+        f"{head}proj_in.weight (256, 255) (expected (256, 256)); {head}proj_in.bias (255,) (expected (256,)); "
+        f"{head}proj_out.weight (4, 255) (expected (4, 256)). The file may be truncated or a variant this pack does "
+        f"not support.")
     key = "transformer.decoder.layers.1.linear1.weight"
     bent = {**dino_state, key: dino_state[key][:, :-1]}
     with pytest.raises(core.GroundingError, match=r"the file does not fit the GroundingDINO Swin-T architecture read from it: "
@@ -125,14 +146,112 @@ def test_bert_folder_checks(files, tmp_path):
         (bert / extra).unlink(missing_ok=True)
     with pytest.raises(ValueError, match="not bert-base-uncased's"):
         core.build_dino(state, [tmp_path])
-    cfg = json.loads((bert / "config.json").read_text())
-    shutil.copytree(files / "grounding-dino" / core.BERT_FOLDER, tmp_path / "b2" / core.BERT_FOLDER)
-    (tmp_path / "b2" / core.BERT_FOLDER / "config.json").write_text(json.dumps({**cfg, "hidden_size": 768}))
-    with pytest.raises(ValueError, match="hidden_size 768"):
-        core.build_dino(state, [tmp_path / "b2"])
     no_bert = {k: v for k, v in state.items() if not k.startswith("bert.")}  # weights from the folder instead
     dino = core.build_dino(no_bert, [files / "grounding-dino"])
     assert not dino.spec.has_bert
+
+
+def _bert_folder(files, where, **config):
+    """A copy of the factory's BERT folder in where/, its config.json updated (None: the key removed)."""
+    bert = where / core.BERT_FOLDER
+    shutil.copytree(files / "grounding-dino" / core.BERT_FOLDER, bert)
+    cfg = json.loads((bert / "config.json").read_text()) | config
+    (bert / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return bert
+
+
+def test_a_bert_folder_that_does_not_fit_is_refused_with_what_to_put_there(files, dino_state, tmp_path):
+    spec = core.dino_spec(dino_state)  # its text encoder is 32 wide
+    bert = _bert_folder(files, tmp_path / "unreadable")
+    (bert / "config.json").write_text("{")
+    with pytest.raises(ValueError) as json_error:
+        json.loads("{")  # json's own words, quoted by the message
+    assert _message(core.load_bert_parts, bert, spec) == (
+        f"{bert / 'config.json'} cannot be read ({json_error.value}); it must be bert-base-uncased's config.json.")
+    bert = _bert_folder(files, tmp_path / "roberta", model_type="roberta")
+    assert _message(core.load_bert_parts, bert, spec) == (
+        f"{bert / 'config.json'} describes a roberta model; GroundingDINO needs bert-base-uncased's config.json.")
+    bert = _bert_folder(files, tmp_path / "wide", hidden_size=64)
+    assert _message(core.load_bert_parts, bert, spec) == (
+        f"{bert / 'config.json'} has hidden_size 64 but the GroundingDINO file's text encoder has 32; use the BERT "
+        f"it was trained with (bert-base-uncased).")
+    bert = _bert_folder(files, tmp_path / "default", hidden_size=None)  # BERT's default: 768 (bert-base)
+    assert _message(core.load_bert_parts, bert, spec) == (
+        f"{bert / 'config.json'} has hidden_size 768 but the GroundingDINO file's text encoder has 32; use the BERT "
+        f"it was trained with (bert-base-uncased).")
+    bert = _bert_folder(files, tmp_path / "no_weights")
+    (bert / "model.safetensors").unlink()
+    assert _message(core.load_bert_parts, bert, dataclasses.replace(spec, has_bert=False)) == (
+        f"The GroundingDINO file holds no BERT weights and {bert} has no model.safetensors; put bert-base-uncased's "
+        f"model.safetensors there.")
+    from transformers import BertTokenizerFast
+
+    bert = _bert_folder(files, tmp_path / "bad_tokenizer")
+    (bert / "vocab.txt").unlink()
+    (bert / "tokenizer.json").write_text("not json")
+    with pytest.raises(Exception) as tokenizer_error:  # the tokenizer library's own error, quoted by the message
+        BertTokenizerFast.from_pretrained(str(bert), local_files_only=True)
+    assert _message(core.load_bert_parts, bert, spec) == (
+        f"The tokenizer in {bert} cannot be loaded ({type(tokenizer_error.value).__name__}: {tokenizer_error.value}); "
+        f"it needs bert-base-uncased's vocab.txt or tokenizer.json.")
+    assert type(tokenizer_error.value).__name__ not in ("NoneType", "GroundingError")
+
+
+def test_a_bert_folder_may_leave_out_bert_defaults_and_prefix_its_weights(files, dino_state, tmp_path):
+    """model_type and hidden_size default to BERT's ("bert", 768); transformers' bookkeeping keys are
+    dropped; weights saved with or without the "bert." prefix (BertForPreTraining as on the hub, or
+    BertModel) become the GroundingDINO file's bert.* names."""
+    spec = dataclasses.replace(core.dino_spec(dino_state), text_hidden=768, has_bert=False)
+    bookkeeping = {"architectures": ["BertForMaskedLM"], "transformers_version": "4.6.0.dev0",
+                   "_name_or_path": "bert-base-uncased", "torch_dtype": "float32", "dtype": "float32"}
+    bert = _bert_folder(files, tmp_path, model_type=None, hidden_size=None, **bookkeeping)
+    plain = core.read_checkpoint(bert / "model.safetensors")
+    assert not any(k.startswith("bert.") for k in plain)
+    save_file({"bert." + k: v for k, v in plain.items()}, str(bert / "model.safetensors"))
+    config, tokenizer, weights = core.load_bert_parts(bert, spec)
+    written = json.loads((bert / "config.json").read_text())
+    assert config == {k: v for k, v in written.items() if k not in bookkeeping}
+    assert "model_type" not in config and "hidden_size" not in config and "architectures" in written
+    assert tokenizer.convert_tokens_to_ids("[SEP]") == 102
+    assert weights.keys() == {"bert." + k for k in plain}
+    assert all(torch.equal(weights["bert." + k], v) for k, v in plain.items())
+
+
+def test_the_bert_folder_is_the_first_with_config_and_vocabulary_to_depth_4(tmp_path):
+    def bert(*parts, names=("config.json", "vocab.txt")):
+        folder = tmp_path.joinpath(*parts)
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / name).write_text("")
+        return folder
+
+    depth4 = bert("a", "1", "2", "3", "4")  # the candidate itself is depth 0
+    assert core.find_bert_folder([tmp_path / "a"]) == depth4
+    bert("b", "1", "2", "3", "4", "5")  # depth 5: not read, and searched before b/z: the search goes on past it
+    shallow = bert("b", "z")
+    assert core.find_bert_folder([tmp_path / "b"]) == shallow
+    bert("c", "a", names=("config.json",))
+    bert("c", "b", names=("vocab.txt",))
+    fast = bert("c", "c", names=("config.json", "tokenizer.json"))
+    assert core.find_bert_folder([tmp_path / "missing", tmp_path / "c"]) == fast
+
+
+def test_without_a_bert_folder_the_message_says_what_to_put_where(dino_state, tmp_path):
+    assert _message(core.build_dino, dino_state, [tmp_path / "models" / "grounding-dino", str(tmp_path / "bert")]) == (
+        f"GroundingDINO needs the BERT text encoder's files from a local folder (nothing is downloaded). Put "
+        f"config.json and vocab.txt (or tokenizer.json), plus model.safetensors when the GroundingDINO file holds no "
+        f"bert.* weights of bert-base-uncased into a folder 'bert-base-uncased' inside one of: "
+        f"{tmp_path}/models/grounding-dino, {tmp_path}/bert.")
+
+
+def test_computed_buffers_are_built_by_the_model_not_read_from_the_file(files, dino_state):
+    """Swin's relative-position index is a function of the window; a file's copy (here zeroed) is not read."""
+    key = "backbone.0.layers.0.blocks.0.attn.relative_position_index"
+    model = core.build_dino({**dino_state, key: torch.zeros_like(dino_state[key])}, [files / "grounding-dino"]).model
+    built = [v for k, v in model.named_buffers()
+             if ".layers.0.blocks.0." in k and k.endswith("relative_position_index")]
+    # groundingdino-py's own table (transformers 5 keeps it flat)
+    assert len(built) == 1 and torch.equal(built[0].flatten(), dino_state[key].flatten())
 
 
 # -- real-size variants: architecture and key mapping, on meta tensors ---------------------------
@@ -186,11 +305,28 @@ def test_dino_variants_from_weights(real_shapes, files, backbone, name, window, 
     _assert_fits(model, core.convert_dino_state(state, spec))
 
 
-def test_a_file_of_another_kind_is_named(real_shapes):
+def test_the_sam_config_carries_every_field_of_the_spec():
+    """Values unlike SamVisionConfig's defaults (mlp 4 x hidden, window 14, image 1024, patch 16, output 256)."""
+    spec = core.SamSpec("ViT", hidden_size=64, num_layers=3, num_heads=4, mlp_dim=100, window_size=5,
+                        global_attn_indexes=[2], image_size=512, patch_size=8, output_channels=32)
+    v = spec.config().vision_config
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.mlp_dim, v.window_size, v.global_attn_indexes,
+            v.image_size, v.patch_size, v.output_channels) == (64, 3, 4, 100, 5, [2], 512, 8, 32)
+
+
+def test_a_file_of_another_kind_is_named(real_shapes, dino_state, sam_state, files):
     with pytest.raises(ValueError, match="looks like a GroundingDINO"):
         core.sam_spec({"transformer.level_embed": torch.empty(4, 256)})
     with pytest.raises(ValueError, match="not an original SAM"):
         core.sam_spec(_meta(real_shapes["swin_T_224_1k"]))
+    sam_message = ("is not an original SAM checkpoint (no image_encoder.patch_embed / mask_decoder weights). It looks "
+                   "like a GroundingDINO checkpoint: put it in models/grounding-dino. HQ-SAM and MobileSAM files are "
+                   "not supported.")
+    assert _message(core.build_sam, dino_state) == f"the file {sam_message}"
+    assert _message(core.build_sam, dino_state, "my_dino.pth") == f"my_dino.pth {sam_message}"
+    assert _message(core.build_dino, sam_state, [files / "grounding-dino"], "my_sam.pth") == (
+        "my_sam.pth is not an original GroundingDINO checkpoint (no backbone.0.patch_embed / transformer.level_embed "
+        "weights). It looks like a SAM checkpoint: put it in models/sams.")
 
 
 
