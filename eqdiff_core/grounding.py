@@ -232,7 +232,7 @@ def _swap(rest: str, table) -> str | None:
     return None
 
 
-def convert_dino_state(state: dict[str, torch.Tensor], spec: DinoSpec) -> dict[str, torch.Tensor]:
+def convert_dino_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original GroundingDINO keys -> ``GroundingDinoForObjectDetection`` keys (the mapping of
     transformers' conversion script, including the split of Swin's fused qkv)."""
     out: dict[str, torch.Tensor] = {}
@@ -466,7 +466,7 @@ def build_dino(state: dict[str, torch.Tensor], bert_candidates: list, name: str 
     config = spec.config(text_config)
     with _no_init():
         model = GroundingDinoForObjectDetection(config)
-    _load_strict(model, convert_dino_state(state, spec), name, f"GroundingDINO {spec.variant}")
+    _load_strict(model, convert_dino_state(state), name, f"GroundingDINO {spec.variant}")
     return GroundingDino(model.eval().requires_grad_(False), tokenizer, spec)
 
 

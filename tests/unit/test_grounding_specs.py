@@ -156,7 +156,7 @@ def test_dino_keys_without_a_transformers_name_are_dropped():
              "backbone.0.layers.0.blocks.0.attn.unknown": t, "transformer.encoder.layers.0.unknown": t,
              "transformer.decoder.layers.0.unknown": t, "unknown.weight": t, "transformer.level_embed": t,
              "bert.in_proj_x.in_proj_bias": fused}
-    out = core.convert_dino_state(state, spec=None)
+    out = core.convert_dino_state(state)
     assert list(out) == ["model.level_embed", "model.text_backbone.in_proj_x.query.bias",
                          "model.text_backbone.in_proj_x.key.bias", "model.text_backbone.in_proj_x.value.bias"]
     assert [v.flatten().tolist() for v in out.values()][1:] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
