@@ -16,14 +16,16 @@ def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[str], No
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}{os.path.splitext(path)[1]}")
     try:
-        if callable(data):
-            data(tmp)
-        else:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 less the umask
+        with os.fdopen(fd, "wb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not callable(data):
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
                 f.flush()
                 os.fsync(f.fileno())
+        if callable(data):
+            data(tmp)
+            os.chmod(tmp, mode)  # a writer may set its own mode (safetensors' save_file makes files 0o600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

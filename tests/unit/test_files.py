@@ -4,6 +4,8 @@ import os
 import stat
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from eqdiff_core.files import write_atomic
 
@@ -17,13 +19,17 @@ def test_bytes_and_text_are_written_as_given(tmp_path):
 
 
 def test_the_file_gets_the_umasks_permissions(tmp_path):
-    """As open() makes a file: 0o666 less the umask (0o022 here: rw-r--r--), never executable."""
+    """As open() makes a file: 0o666 less the umask (0o022 here: rw-r--r--), never executable; also when a
+    writer function makes the file with its own mode (safetensors' save_file: 0o600, so a concept saved by
+    one user of a shared ComfyUI would be unreadable to the others)."""
     old = os.umask(0o022)
     try:
         write_atomic(tmp_path / "a.txt", "x")
+        write_atomic(tmp_path / "b.safetensors", lambda tmp: save_file({"a": torch.ones(1)}, tmp))
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "b.safetensors").st_mode) == 0o644
 
 
 def test_the_temporary_file_is_in_the_target_folder_and_removed_on_failure(tmp_path, monkeypatch):
