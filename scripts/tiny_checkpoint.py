@@ -96,6 +96,8 @@ def write_checkpoint(path: str, seed: int = 0) -> str:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from eqdiff_core.files import write_atomic
+
     meta = {"eqdiff_tiny_version": GENERATOR_VERSION, "seed": str(seed)}
     if os.path.exists(path):
         try:
@@ -104,11 +106,8 @@ def write_checkpoint(path: str, seed: int = 0) -> str:
                     return path
         except Exception:
             pass  # unreadable or foreign file: regenerate
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(build_state_dict(seed), tmp, metadata=meta)
-    os.replace(tmp, path)
-    return path
+    state = build_state_dict(seed)
+    return write_atomic(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def main() -> None:
@@ -118,6 +117,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sys.path.insert(0, os.path.abspath(args.comfy))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # eqdiff_core
     import comfy.options
 
     comfy.options.enable_args_parsing(False)
