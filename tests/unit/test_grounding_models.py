@@ -117,11 +117,15 @@ def test_grounded_masks_keep_the_batch_and_union_the_boxes(dino, sam):
     assert empty.shape == (96, 128) and empty.dtype == torch.bool and not empty.any()
 
 
-def test_the_detection_size_defaults_to_groundingdinos_800():
-    """Grounded-SAM's demo prepares images with RandomResize([800], max_size=1333)."""
-    import inspect
-
-    assert inspect.signature(core.grounded_masks).parameters["detect_size"].default == 800
+def test_the_detection_size_defaults_to_groundingdinos_800(dino, sam):
+    """Grounded-SAM's demo prepares images with RandomResize([800], max_size=1333): with no size given,
+    the detections are those at 800 px, to the bit (another size moves every box a little)."""
+    image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(4))
+    _, default = core.grounded_masks(dino, sam, image, "cat", 0.0, 0.0, best_only=True)
+    _, at_800 = core.grounded_masks(dino, sam, image, "cat", 0.0, 0.0, best_only=True, detect_size=800)
+    _, at_832 = core.grounded_masks(dino, sam, image, "cat", 0.0, 0.0, best_only=True, detect_size=832)
+    assert torch.equal(default[0].boxes, at_800[0].boxes) and torch.equal(default[0].scores, at_800[0].scores)
+    assert not torch.equal(default[0].scores, at_832[0].scores)
 
 
 def test_a_prompt_longer_than_the_text_window_is_cut_to_it(dino, sam):
