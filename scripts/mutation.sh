@@ -8,7 +8,8 @@
 # Each mutant of a function is run against the tests/unit tests that reach that function (mutmut
 # records which tests call what); killed = a test failed. The report, reports/mutation.json, has per
 # module killed / survived / no tests / timeout, the score, the date and the tool version, and every
-# surviving mutant with its diff, marked equivalent where scripts/mutation_equivalent.json says why.
+# surviving mutant with its diff, marked equivalent where scripts/mutation_equivalent.json says why, or
+# GPU-only where scripts/mutation_gpu_only.json names the cuda-marked test that kills it on a GPU.
 # Setup: .mutation/venv (mutmut from the package registry, the test venv's packages through a .pth
 # file), so the test venv is left as it is; no network after that. mutmut works in mutants/ (ignored).
 set -euo pipefail
@@ -67,4 +68,4 @@ if [ $REPORT_ONLY -eq 0 ]; then
   [ ${#PATTERNS[@]} -eq 0 ] || "$MDIR/venv/bin/mutmut" run --max-children "${EQDIFF_MUTATION_JOBS:-2}" "${PATTERNS[@]}" || true
 fi
 "$MPY" scripts/mutation_report.py --out reports/mutation.json --mutmut-version "$MUTMUT_VERSION" \
-  --equivalent scripts/mutation_equivalent.json
+  --equivalent scripts/mutation_equivalent.json --gpu-only scripts/mutation_gpu_only.json

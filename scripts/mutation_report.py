@@ -1,11 +1,13 @@
 """The JSON report of a mutation run (scripts/mutation.sh): per module of eqdiff_core/ the mutants
 killed, survived, reached by no test and timed out, the score, the date, the tool version, and every
-mutant that was not killed with its diff, marked equivalent where the equivalence list says why.
+mutant that was not killed with its diff, marked equivalent where the equivalence list says why, or
+GPU-only where the GPU list names the cuda-marked test that tells it apart on a CUDA machine (such a
+mutant changes only where a tensor lives; on a CPU-only run it survives and counts as survived).
 
 Run from the repository root with the mutation venv's Python (it reads mutmut's results in mutants/).
 Score: (killed + timeout) / (mutants run - equivalent); mutants not run yet are counted apart. A timeout is a mutant that made the tests run
-far longer than without it (mutmut's limit: 15 x the tests' time + 1 s): a detected change.
-An entry of the equivalence list applies only while the mutant's changed lines are still the ones
+far longer than without it (mutmut's limit: timeout_multiplier in setup.cfg x (the tests' time + 1 s)): a
+detected change. An entry of either list applies only while the mutant's changed lines are still the ones
 it names (``mutated``), so a stale entry shows up as a plain survivor.
 """
 
@@ -13,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
+import sys
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +26,9 @@ from mutmut.mutation.data import SourceFileMutationData
 from mutmut.mutation.diff_apply import get_diff_for_mutant
 from mutmut.stats import status_by_exit_code
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as scripts/mutation_report.py
+from eqdiff_core.files import write_atomic  # noqa: E402
+
 DETECTED = ("killed", "timeout")
 
 
@@ -32,7 +37,7 @@ def changed_lines(diff: str) -> list[str]:
     return [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
 
 
-def module_results(path: Path, equivalent: dict) -> tuple[dict, list[dict]]:
+def module_results(path: Path, equivalent: dict, gpu_only: dict) -> tuple[dict, list[dict]]:
     data = SourceFileMutationData(path=path)
     data.load()
     counts = Counter(status_by_exit_code[code] for code in data.exit_code_by_key.values())
@@ -43,9 +48,9 @@ def module_results(path: Path, equivalent: dict) -> tuple[dict, list[dict]]:
             continue
         diff = get_diff_for_mutant(name, path=path)
         entry = {"mutant": name, "status": status, "diff": diff}
-        known = equivalent.get(name)
-        if known and known["mutated"] == changed_lines(diff):
-            entry["equivalent"] = known["reason"]
+        for label, known in (("equivalent", equivalent.get(name)), ("gpu_only", gpu_only.get(name))):
+            if known and known["mutated"] == changed_lines(diff):
+                entry[label] = known["reason"]
         listed.append(entry)
     total = sum(counts.values())
     n_equivalent = sum("equivalent" in e for e in listed)
@@ -56,7 +61,7 @@ def module_results(path: Path, equivalent: dict) -> tuple[dict, list[dict]]:
         "survived": counts["survived"], "no_tests": counts["no tests"],
         "other": {s: n for s, n in counts.items()
                   if s not in ("killed", "timeout", "survived", "no tests", "not checked")},
-        "equivalent": n_equivalent,
+        "equivalent": n_equivalent, "gpu_only": sum("gpu_only" in e for e in listed),
         "score": round(detected / tested, 4) if tested > 0 else None,
     }
     return summary, listed
@@ -78,6 +83,7 @@ def main() -> None:
                         help="only print the names of these modules' mutants without a result, one a line")
     parser.add_argument("--out")
     parser.add_argument("--equivalent", help="JSON: mutant name -> {mutated: [lines], reason}")
+    parser.add_argument("--gpu-only", help="JSON: mutant name -> {mutated: [lines], reason naming the cuda test}")
     parser.add_argument("--mutmut-version")
     args = parser.parse_args()
     if args.unchecked:
@@ -86,10 +92,11 @@ def main() -> None:
     if mutmut.__version__ != args.mutmut_version:
         raise SystemExit(f"mutmut {mutmut.__version__} is installed, the script pins {args.mutmut_version}")
     equivalent = json.loads(Path(args.equivalent).read_text())
+    gpu_only = json.loads(Path(args.gpu_only).read_text()) if args.gpu_only else {}
     modules, not_killed = {}, []
     for path in sorted(Path("eqdiff_core").glob("*.py")):
         if (Path("mutants") / (str(path) + ".meta")).exists():
-            summary, listed = module_results(path, equivalent)
+            summary, listed = module_results(path, equivalent, gpu_only)
             if summary["mutants"] > summary["not_run"]:  # a module that was run, at least in part
                 modules[str(path)] = summary
                 not_killed += listed
@@ -106,22 +113,21 @@ def main() -> None:
         "tests": "tests/unit (the tests that reach each mutated function)",
         "commit": commit + ("+uncommitted changes in eqdiff_core/ or tests/unit/" if dirty else ""),
         "score_definition": "(killed + timeout) / (mutants run - equivalent); not_run: mutants without a "
-                            "result yet (a run stopped by its time limit; scripts/mutation.sh --continue)",
+                            "result yet (a run stopped by its time limit; scripts/mutation.sh --continue); gpu_only: "
+                            "survivors that a cuda-marked test tells apart on a CUDA machine, counted as survived",
         "total": {**{k: totals[k] for k in ("mutants", "not_run", "killed", "timeout", "survived", "no_tests",
-                                            "equivalent")},
+                                            "equivalent", "gpu_only")},
                   "score": round(detected / (totals["mutants"] - totals["not_run"] - totals["equivalent"]), 4)
                   if totals["mutants"] - totals["not_run"] > totals["equivalent"] else None},
         "modules": modules,
         "not_killed": not_killed,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     t = report["total"]
     print(f"[mutation] {t['mutants']} mutants ({t['not_run']} not run): {t['killed']} killed, {t['timeout']} timeout, {t['survived']} "
-          f"survived ({t['equivalent']} equivalent), {t['no_tests']} reached by no test; score {t['score']}")
+          f"survived ({t['equivalent']} equivalent, {t['gpu_only']} told apart only on a GPU), {t['no_tests']} reached "
+          f"by no test; score {t['score']}")
     print(f"[mutation] report: {out}")
 
 
