@@ -6,6 +6,7 @@ mutation run read the same files instead of building them again (about 20 s)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -38,6 +39,16 @@ def factory_files() -> Path:
     except OSError:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def released_shapes() -> dict:
+    """Key -> shape of the released backbones and SAMs (the factory's shapes.json, from the original code)."""
+    return json.loads((factory_files() / "shapes.json").read_text())
+
+
+def meta_state(shapes: dict) -> dict:
+    """A state dict of meta tensors (no memory) of the given shapes."""
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
 
 
 def assert_matches_reference(core, dino, sam, ref: dict) -> None:

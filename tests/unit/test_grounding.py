@@ -339,7 +339,6 @@ def test_segmentation_input_boxes_and_masks_are_sams(h, w, size, sharp):
     (mask_threshold 0.0) for the masks. 256: an encoder of another size, and a shrinking resize."""
     from types import SimpleNamespace
 
-    from PIL import Image
     from segment_anything.modeling import Sam
     from segment_anything.utils.transforms import ResizeLongestSide
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from eqdiff_core import grounding as core
-from grounding_files import assert_matches_reference, factory_files, reference
+from grounding_files import assert_matches_reference, factory_files, meta_state, reference, released_shapes
 
 
 @pytest.fixture(scope="module")
@@ -260,12 +260,8 @@ def test_computed_buffers_are_built_by_the_model_not_read_from_the_file(files, d
 
 # -- real-size variants: architecture and key mapping, on meta tensors ---------------------------
 @pytest.fixture(scope="module")
-def real_shapes(files):
-    return json.loads((files / "shapes.json").read_text())
-
-
-def _meta(shapes: dict) -> dict:
-    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+def real_shapes():
+    return released_shapes()
 
 
 def _assert_fits(model, converted):
@@ -282,7 +278,7 @@ def _assert_fits(model, converted):
 def test_sam_variants_from_weights(real_shapes, variant, name, layers, globals_):
     from transformers import SamModel
 
-    state = _meta(real_shapes[f"sam_{variant}"])
+    state = meta_state(real_shapes[f"sam_{variant}"])
     spec = core.sam_spec(state)
     assert (spec.variant, spec.num_layers, spec.global_attn_indexes, spec.window_size) == (name, layers, globals_, 14)
     with torch.device("meta"):
@@ -296,7 +292,7 @@ def test_dino_variants_from_weights(real_shapes, files, backbone, name, window, 
     from transformers import GroundingDinoForObjectDetection
 
     tiny = core.read_checkpoint(files / "grounding-dino" / "tiny_swint.safetensors")
-    state = {k: v for k, v in tiny.items() if not k.startswith("backbone.0.")} | _meta(real_shapes[backbone])
+    state = {k: v for k, v in tiny.items() if not k.startswith("backbone.0.")} | meta_state(real_shapes[backbone])
     embed = state["backbone.0.patch_embed.proj.weight"].shape[0]
     for i, channels in enumerate((embed * 2, embed * 4, embed * 8, embed * 8)):  # the projections of its stages
         w = state[f"input_proj.{i}.0.weight"]
@@ -322,7 +318,7 @@ def test_a_file_of_another_kind_is_named(real_shapes, dino_state, sam_state, fil
     with pytest.raises(ValueError, match="looks like a GroundingDINO"):
         core.sam_spec({"transformer.level_embed": torch.empty(4, 256)})
     with pytest.raises(ValueError, match="not an original SAM"):
-        core.sam_spec(_meta(real_shapes["swin_T_224_1k"]))
+        core.sam_spec(meta_state(real_shapes["swin_T_224_1k"]))
     sam_message = ("is not an original SAM checkpoint (no image_encoder.patch_embed / mask_decoder weights). It looks "
                    "like a GroundingDINO checkpoint: put it in models/grounding-dino. HQ-SAM and MobileSAM files are "
                    "not supported.")

@@ -5,21 +5,18 @@ shapes.json) and on small hand-built state dicts of meta tensors whose right ans
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 
 import pytest
 import torch
 
 from eqdiff_core import grounding as core
-from grounding_files import factory_files
-from unit.test_grounding_models import _meta
+from grounding_files import meta_state, released_shapes
 
 
 @pytest.fixture(scope="module")
 def real_shapes():
-    return json.loads((factory_files() / "shapes.json").read_text())
+    return released_shapes()
 
 
 def _swin(embed, depths, heads, window) -> dict:
@@ -28,7 +25,7 @@ def _swin(embed, depths, heads, window) -> dict:
     for i, (depth, h) in enumerate(zip(depths, heads)):
         state[f"backbone.0.layers.{i}.blocks.0.attn.relative_position_bias_table"] = ((2 * window - 1) ** 2, h)
         state |= {f"backbone.0.layers.{i}.blocks.{j}.norm1.weight": (embed * 2 ** i,) for j in range(depth)}
-    return _meta(state)
+    return meta_state(state)
 
 
 def _dino_rest(d_model=256, enc=6, dec=6, ffn=2048, queries=900, levels=4, text=768, bert_layers=12, vocab=30522):
@@ -40,14 +37,14 @@ def _dino_rest(d_model=256, enc=6, dec=6, ffn=2048, queries=900, levels=4, text=
     if bert_layers:
         state["bert.embeddings.word_embeddings.weight"] = (vocab, text)
         state |= {f"bert.encoder.layer.{k}.attention.self.query.weight": (text, text) for k in range(bert_layers)}
-    return _meta(state)
+    return meta_state(state)
 
 
 def test_the_released_swint_ogc_architecture_is_read_in_full(real_shapes):
     """GroundingDINO_SwinT_OGC.py: Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7), hidden_dim 256,
     6 encoder and 6 decoder layers, dim_feedforward 2048, 900 queries, 4 feature levels; bert-base-uncased: 768
     wide, 12 layers, a 30522-token vocabulary."""
-    state = _meta(real_shapes["swin_T_224_1k"]) | _dino_rest()
+    state = meta_state(real_shapes["swin_T_224_1k"]) | _dino_rest()
     assert core.dino_spec(state) == core.DinoSpec(
         "Swin-T", embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, d_model=256,
         encoder_layers=6, decoder_layers=6, encoder_ffn_dim=2048, decoder_ffn_dim=2048, num_queries=900,
@@ -100,7 +97,7 @@ def test_a_file_that_is_not_sam_is_refused_with_the_whole_message():
     ("vit_b", "ViT-B", 768, 12, 12, [2, 5, 8, 11])])
 def test_the_released_sam_architectures_are_read_in_full(real_shapes, variant, name, hidden, layers, heads, globals_):
     """segment-anything's build_sam.py: mlp_ratio 4, window 14, image 1024, patch 16, neck out_chans 256."""
-    assert core.sam_spec(_meta(real_shapes[f"sam_{variant}"])) == core.SamSpec(
+    assert core.sam_spec(meta_state(real_shapes[f"sam_{variant}"])) == core.SamSpec(
         name, hidden_size=hidden, num_layers=layers, num_heads=heads, mlp_dim=4 * hidden, window_size=14,
         global_attn_indexes=globals_, image_size=1024, patch_size=16, output_channels=256)
 
@@ -113,7 +110,7 @@ def _sam(hidden, grid, patch, head_dim, windows, mlp, out) -> dict:
     for i, w in enumerate(windows):
         state[f"image_encoder.blocks.{i}.attn.rel_pos_h"] = (2 * (w or grid) - 1, head_dim)
         state[f"image_encoder.blocks.{i}.mlp.lin1.weight"] = (mlp, hidden)
-    return _meta(state)
+    return meta_state(state)
 
 
 def test_an_unknown_sam_is_read_from_its_shapes():
