@@ -41,6 +41,14 @@ def own_weights(patcher, module) -> dict:
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical. Not torch.equal: ComfyUI leaves SD1's unused CLIP-L text_projection uninitialised
+    (supported_models pops it from the checkpoint; the layer is made with torch.empty), so it can hold NaN
+    bit patterns, left by whatever used that memory before, and NaN != NaN."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                      b.reshape(-1).view(torch.uint8))
+
+
 def test_frozen_weights_are_untouched_and_only_the_concept_changes(registered_nodes, tiny):
     model, clip, vae = tiny
     parts = [(model, model.get_model_object("diffusion_model")), (clip.patcher, clip.cond_stage_model),
@@ -49,7 +57,7 @@ def test_frozen_weights_are_untouched_and_only_the_concept_changes(registered_no
     concept, out_model, out_clip, plot, token = run_trainer(registered_nodes, tiny, steps=2)
     after = [own_weights(*part) for part in parts]
     for b, a in zip(before, after):
-        assert b.keys() == a.keys() and all(torch.equal(b[k], a[k]) for k in b)
+        assert b.keys() == a.keys() and all(same_bits(b[k], a[k]) for k in b)
     assert token == "<unit>" and plot.shape[0] == 1 and plot.shape[-1] == 3
     assert concept.metadata["training_step"] == 2 and len(concept.metadata["loss_history"]) == 2
     assert concept.reference_context.shape == (77, 768)
