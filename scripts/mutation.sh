@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Mutation testing of eqdiff_core/ with mutmut (pinned below), outside CI: it takes tens of minutes.
+# Mutation testing of eqdiff_core/ and of the ComfyUI boundary, nodes/comfyui/, with mutmut (pinned
+# below), outside CI: it takes tens of minutes to hours.
 #   bash scripts/mutation.sh                 every module of eqdiff_core/, then the report
+#   bash scripts/mutation.sh --boundary [tokens ...]   nodes/comfyui/ (or these of its modules) with
+#                                            tests/comfy; report reports/mutation-boundary.json
 #   bash scripts/mutation.sh rra sampling    only these modules (their results are added to earlier ones)
 #   bash scripts/mutation.sh --fresh ...     forget earlier results first (mutants/ is rebuilt)
 #   bash scripts/mutation.sh --continue training   only the mutants without a result (after a timeout)
@@ -39,33 +42,69 @@ if [ "$(cat "$MDIR/.stamp" 2>/dev/null)" != "$STAMP" ]; then
   echo "$STAMP" > "$MDIR/.stamp"
 fi
 
+# Two targets, each with its own mutants/ and report:
+#   eqdiff_core/   with tests/unit, in the repository itself (setup.cfg)
+#   nodes/comfyui/ with tests/comfy (--boundary), in a copy of the repository, .mutation/boundary/
+#                  (scripts/mutation_boundary.cfg as its setup.cfg), so both targets' results are kept;
+#                  ComfyUI (.comfy) loads the pack from that copy's mutants/ through its custom-node
+#                  loader, with the models of .comfy (an environment of links, .mutation/comfy-env/)
 MODULES=()
 REPORT_ONLY=0
 CONTINUE=0
+FRESH=0
+SOURCE=eqdiff_core
 for arg in "$@"; do
   case "$arg" in
-    --fresh) rm -rf "$REPO/mutants" ;;
+    --boundary) SOURCE=nodes/comfyui ;;
+    --fresh) FRESH=1 ;;
     --report) REPORT_ONLY=1 ;;
     --continue) CONTINUE=1 ;;
-    -*) echo "mutation.sh: unknown option $arg (accepted: --fresh, --continue, --report, module names)" >&2; exit 2 ;;
-    *) [ -f "eqdiff_core/$arg.py" ] || { echo "mutation.sh: no module eqdiff_core/$arg.py" >&2; exit 2; }
-       MODULES+=("$arg") ;;
+    -*) echo "mutation.sh: unknown option $arg (accepted: --boundary, --fresh, --continue, --report, module names)" >&2; exit 2 ;;
+    *) MODULES+=("$arg") ;;
   esac
 done
+for m in "${MODULES[@]}"; do
+  [ -f "$SOURCE/$m.py" ] || { echo "mutation.sh: no module $SOURCE/$m.py" >&2; exit 2; }
+done
+if [ "$SOURCE" = eqdiff_core ]; then
+  WORK=$REPO
+  REPORT=$REPO/reports/mutation.json
+  TESTS="tests/unit (the tests that reach each mutated function)"
+else
+  WORK=$MDIR/boundary
+  REPORT=$REPO/reports/mutation-boundary.json
+  TESTS="tests/comfy (the tests that reach each mutated function), in-process ComfyUI $(cat "$EQDIFF_ENV/ComfyUI/comfyui_version.py" | sed -n -E 's/^__version__ = "([^"]+)".*/\1/p')"
+  mkdir -p "$WORK"
+  # the tracked and new files of the repository (not the ignored ones: no venvs, no mutants/)
+  git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$WORK"
+  cp scripts/mutation_boundary.cfg "$WORK/setup.cfg"
+  CENV=$MDIR/comfy-env
+  mkdir -p "$CENV/base/custom_nodes" "$CENV/base/models"
+  ln -sfn "$EQDIFF_ENV/ComfyUI" "$CENV/ComfyUI"
+  ln -sfn "$EQDIFF_ENV/venv" "$CENV/venv"
+  ln -sfn "$WORK/mutants" "$CENV/base/custom_nodes/eqdiff-nodes"
+  MODELS=$EQDIFF_ENV/ComfyUI/models
+  [ ! -d "$EQDIFF_ENV/base/models" ] || MODELS=$EQDIFF_ENV/base/models
+  for d in "$MODELS"/*/; do ln -sfn "${d%/}" "$CENV/base/models/$(basename "$d")"; done
+  export EQDIFF_ENV=$CENV PYTHONPATH=$WORK/scripts${PYTHONPATH:+:$PYTHONPATH}
+fi
+cd "$WORK"
+[ $FRESH -eq 0 ] || rm -rf mutants
+REPORT_ARGS=(--source "$SOURCE" --tests "$TESTS" --out "$REPORT" --mutmut-version "$MUTMUT_VERSION"
+             --equivalent "$REPO/scripts/mutation_equivalent.json" --gpu-only "$REPO/scripts/mutation_gpu_only.json")
 if [ $REPORT_ONLY -eq 0 ]; then
-  [ ${#MODULES[@]} -gt 0 ] || for f in eqdiff_core/*.py; do
+  [ ${#MODULES[@]} -gt 0 ] || for f in "$SOURCE"/*.py; do
     m=$(basename "$f" .py); [ "$m" = __init__ ] || MODULES+=("$m")
   done
   PATTERNS=()
-  for m in "${MODULES[@]}"; do PATTERNS+=("eqdiff_core.$m.*"); done
+  for m in "${MODULES[@]}"; do PATTERNS+=("${SOURCE//\//.}.$m.*"); done
   if [ $CONTINUE -eq 1 ] && [ -d mutants ]; then
-    mapfile -t PATTERNS < <("$MPY" scripts/mutation_report.py --unchecked "${MODULES[@]}")
+    mapfile -t PATTERNS < <("$MPY" "$REPO/scripts/mutation_report.py" --source "$SOURCE" --unchecked "${MODULES[@]}")
     [ ${#PATTERNS[@]} -gt 0 ] || { echo "[mutation] every mutant of ${MODULES[*]} has a result"; PATTERNS=(); }
   fi
-  echo "[mutation] ${MODULES[*]}"
+  echo "[mutation] $SOURCE: ${MODULES[*]}"
   # one run for all the modules asked for: the test statistics are collected once. mutmut exits
   # non-zero when mutants survive; the report says which
   [ ${#PATTERNS[@]} -eq 0 ] || "$MDIR/venv/bin/mutmut" run --max-children "${EQDIFF_MUTATION_JOBS:-2}" "${PATTERNS[@]}" || true
 fi
-"$MPY" scripts/mutation_report.py --out reports/mutation.json --mutmut-version "$MUTMUT_VERSION" \
-  --equivalent scripts/mutation_equivalent.json --gpu-only scripts/mutation_gpu_only.json
+"$MPY" "$REPO/scripts/mutation_report.py" "${REPORT_ARGS[@]}"

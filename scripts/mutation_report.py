@@ -1,10 +1,11 @@
-"""The JSON report of a mutation run (scripts/mutation.sh): per module of eqdiff_core/ the mutants
+"""The JSON report of a mutation run (scripts/mutation.sh): per module of the mutated folder the mutants
 killed, survived, reached by no test and timed out, the score, the date, the tool version, and every
 mutant that was not killed with its diff, marked equivalent where the equivalence list says why, or
 GPU-only where the GPU list names the cuda-marked test that tells it apart on a CUDA machine (such a
 mutant changes only where a tensor lives; on a CPU-only run it survives and counts as survived).
 
-Run from the repository root with the mutation venv's Python (it reads mutmut's results in mutants/).
+Run with the mutation venv's Python from the folder mutmut ran in (it reads the results in mutants/):
+the repository root for eqdiff_core/, .mutation/boundary/ for nodes/comfyui/.
 Score: (killed + timeout) / (mutants run - equivalent); mutants not run yet are counted apart. A timeout is a mutant that made the tests run
 far longer than without it (mutmut's limit: timeout_multiplier in setup.cfg x (the tests' time + 1 s)): a
 detected change. An entry of either list applies only while the mutant's changed lines are still the ones
@@ -26,7 +27,8 @@ from mutmut.mutation.data import SourceFileMutationData
 from mutmut.mutation.diff_apply import get_diff_for_mutant
 from mutmut.stats import status_by_exit_code
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as scripts/mutation_report.py
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as scripts/mutation_report.py
 from eqdiff_core.files import write_atomic  # noqa: E402
 
 DETECTED = ("killed", "timeout")
@@ -67,11 +69,11 @@ def module_results(path: Path, equivalent: dict, gpu_only: dict) -> tuple[dict, 
     return summary, listed
 
 
-def unchecked(modules: list[str]) -> list[str]:
-    """The mutants of these modules (eqdiff_core/<module>.py) that have no result yet."""
+def unchecked(source: str, modules: list[str]) -> list[str]:
+    """The mutants of these modules (<source>/<module>.py) that have no result yet."""
     names = []
     for module in modules:
-        data = SourceFileMutationData(path=Path("eqdiff_core") / f"{module}.py")
+        data = SourceFileMutationData(path=Path(source) / f"{module}.py")
         data.load()
         names += [name for name, code in data.exit_code_by_key.items() if code is None]
     return sorted(names)
@@ -81,37 +83,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unchecked", nargs="+", metavar="MODULE",
                         help="only print the names of these modules' mutants without a result, one a line")
+    parser.add_argument("--source", default="eqdiff_core", help="the mutated folder (mutmut's source_paths)")
+    parser.add_argument("--tests", default="tests/unit (the tests that reach each mutated function)",
+                        help="what the mutants were run against, for the report")
     parser.add_argument("--out")
     parser.add_argument("--equivalent", help="JSON: mutant name -> {mutated: [lines], reason}")
     parser.add_argument("--gpu-only", help="JSON: mutant name -> {mutated: [lines], reason naming the cuda test}")
     parser.add_argument("--mutmut-version")
     args = parser.parse_args()
     if args.unchecked:
-        print("\n".join(unchecked(args.unchecked)))
+        print("\n".join(unchecked(args.source, args.unchecked)))
         return
     if mutmut.__version__ != args.mutmut_version:
         raise SystemExit(f"mutmut {mutmut.__version__} is installed, the script pins {args.mutmut_version}")
     equivalent = json.loads(Path(args.equivalent).read_text())
     gpu_only = json.loads(Path(args.gpu_only).read_text()) if args.gpu_only else {}
     modules, not_killed = {}, []
-    for path in sorted(Path("eqdiff_core").glob("*.py")):
+    for path in sorted(Path(args.source).glob("*.py")):
         if (Path("mutants") / (str(path) + ".meta")).exists():
             summary, listed = module_results(path, equivalent, gpu_only)
-            if summary["mutants"] > summary["not_run"]:  # a module that was run, at least in part
+            if summary["mutants"]:  # not_run counts the mutants of modules not run yet, too
                 modules[str(path)] = summary
                 not_killed += listed
     totals = Counter()
     for summary in modules.values():
         totals.update({k: v for k, v in summary.items() if isinstance(v, int)})
     detected = totals["killed"] + totals["timeout"]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "eqdiff_core", "tests/unit"],
+    tests_folder = args.tests.split()[0]
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", args.source, tests_folder],
                                 capture_output=True, text=True).stdout.strip())
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tool": f"mutmut {mutmut.__version__}",
-        "tests": "tests/unit (the tests that reach each mutated function)",
-        "commit": commit + ("+uncommitted changes in eqdiff_core/ or tests/unit/" if dirty else ""),
+        "tests": args.tests,
+        "commit": commit + (f"+uncommitted changes in {args.source}/ or {tests_folder}/" if dirty else ""),
         "score_definition": "(killed + timeout) / (mutants run - equivalent); not_run: mutants without a "
                             "result yet (a run stopped by its time limit; scripts/mutation.sh --continue); gpu_only: "
                             "survivors that a cuda-marked test tells apart on a CUDA machine, counted as survived",
