@@ -101,14 +101,12 @@ class EqDiffClassImages(io.ComfyNode):
     def _sample(model, clip, vae, prompt, size, seed, steps, cfg, batch_size, missing, paths) -> None:
         """Samples the missing images batch by batch, each written as soon as it is decoded."""
         positive, negative = tokens.conditioning(clip, prompt), tokens.conditioning(clip, "")
-        sampler, sigmas = sampling.ddim_sampler(0.0), sampling.ddim_schedule(model, steps)
         progress = management.Progress(len(missing) * steps)
         lat = size // 8
         for start in range(0, len(missing), batch_size):
             indices = missing[start:start + batch_size]
             noise = torch.cat([sampling.seeded_noise((1, 4, lat, lat), seed + i) for i in indices])
-            latent = sampling.sample_from_noise(model, positive, negative, noise, sampler, sigmas, cfg,
-                                                on_step=progress.update)
+            latent = sampling.ddim_from_noise(model, positive, negative, noise, steps, cfg, progress.update)
             images = vae.decode(latent)
             for i, image in zip(indices, images.reshape(-1, *images.shape[-3:])):
                 _png(image, paths[i])

@@ -16,7 +16,3 @@ def encode(vae, images: torch.Tensor) -> torch.Tensor:
 def to_unet_space(model, latent: torch.Tensor) -> torch.Tensor:
     """A raw VAE latent -> the latent the UNet denoises (SD1: scaled by 0.18215)."""
     return model.get_model_object("latent_format").process_in(latent)
-
-
-def latent_channels(model) -> int:
-    return model.get_model_object("latent_format").latent_channels

@@ -26,13 +26,13 @@ def check_choices(node_cls, **values) -> bool | str:
 
 
 def check_range(node_cls, **values) -> bool | str:
-    """``validate_inputs`` helper: numbers within the min / max their input declares (ComfyUI skips that
-    check for inputs named in ``validate_inputs``)."""
+    """``validate_inputs`` helper: numbers within the min / max their Int or Float input declares (None:
+    no bound; ComfyUI skips that check for inputs named in ``validate_inputs``)."""
     inputs = {inp.id: inp for inp in node_cls.define_schema().inputs}
     for name, value in values.items():
         if value is None:
             continue
-        low, high = getattr(inputs[name], "min", None), getattr(inputs[name], "max", None)
+        low, high = inputs[name].min, inputs[name].max
         if low is not None and value < low:
             return f"{name}: {value} is below the minimum {low}"
         if high is not None and value > high:

@@ -61,12 +61,11 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return comfy.sample.prepare_noise(torch.zeros(shape), seed)
 
 
-def sample_from_noise(model, positive, negative, noise: torch.Tensor, sampler, sigmas: torch.Tensor, cfg: float,
-                      on_step=None) -> torch.Tensor:
-    """Raw latents sampled from the given initial noise (B, 4, h, w); ``on_step()`` after every step."""
-    callback = None if on_step is None else (lambda *args: on_step())
-    return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, torch.zeros_like(noise),
-                                      callback=callback, disable_pbar=True, seed=0)
+def ddim_from_noise(model, positive, negative, noise: torch.Tensor, steps: int, cfg: float, on_step) -> torch.Tensor:
+    """Raw latents sampled by DDIM (eta 0: no noise drawn after the start) from the given initial noise
+    (B, 4, h, w); ``on_step()`` after every step."""
+    return comfy.sample.sample_custom(model, noise, cfg, ddim_sampler(0.0), ddim_schedule(model, steps), positive,
+                                      negative, torch.zeros_like(noise), callback=lambda *args: on_step())
 
 
 @torch.no_grad()
@@ -81,4 +80,4 @@ def evaluate_once(model, positive, latent: torch.Tensor, percent: float, seed: i
     noise = comfy.sample.prepare_noise(latent, seed)
     sampler = comfy.samplers.KSAMPLER(_evaluate_once)
     return comfy.sample.sample_custom(model, noise, 1.0, sampler, torch.tensor([sigma, 0.0]), positive, positive,
-                                      latent, disable_pbar=True, seed=seed)
+                                      latent, seed=seed)

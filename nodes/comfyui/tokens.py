@@ -134,11 +134,6 @@ def real_tokens(clip, text: str) -> list:
     return row[1:end]
 
 
-def encode(clip, prompt: str) -> torch.Tensor:
-    """The text context (1, T, D) of a plain prompt."""
-    return clip.encode_from_tokens(clip.tokenize(prompt))
-
-
 def conditioning(clip, prompt: str) -> list:
     """CONDITIONING of a prompt, as CLIP Text Encode makes it."""
     return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))

@@ -8,6 +8,7 @@ node API behaviour is covered by the node tests; these pin the private parts.
 
 import inspect
 
+import pytest
 import torch
 
 from comfy_env import use_comfy
@@ -83,11 +84,40 @@ def test_management_contract():
 def test_a_managed_module_loads_and_offloads(registered_nodes):
     from comfy_env import pack_module
 
+    import comfy.model_management
+
     management = pack_module("nodes.comfyui.management")
     module = torch.nn.Linear(4, 4)
     patcher = management.managed(module, "cpu")
+    assert (patcher.load_device, patcher.offload_device) == (torch.device("cpu"), torch.device("cpu"))
     management.load(patcher)
     require(patcher.model[0] is module, "ModelPatcher no longer holds the module it was given", "management.py")
+    auto = management.managed(torch.nn.Linear(4, 4), "auto")
+    assert (auto.load_device, auto.offload_device) == (comfy.model_management.get_torch_device(),
+                                                       comfy.model_management.unet_offload_device())
+
+
+def test_half_precision_and_bf16_by_device(registered_nodes):
+    from comfy_env import pack_module
+
+    management = pack_module("nodes.comfyui.management")
+    assert management.half_dtype(torch.device("cpu")) == torch.float32  # ComfyUI computes in float32 on a CPU
+    assert management.supports_bf16(torch.device("cpu")) is True
+    # torch answers for CUDA devices, also where there is none (False)
+    assert management.supports_bf16(torch.device("cuda")) == torch.cuda.is_bf16_supported()
+
+
+@pytest.mark.cuda
+def test_device_auto_is_the_gpu_and_cpu_stays_on_the_cpu(registered_nodes):
+    from comfy_env import pack_module
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+    management = pack_module("nodes.comfyui.management")
+    assert management.devices("auto")[0].type == "cuda"
+    assert management.managed(torch.nn.Linear(4, 4), "cpu").load_device == torch.device("cpu")
+    assert management.managed(torch.nn.Linear(4, 4), "auto").load_device.type == "cuda"
 
 
 # -- folders ---------------------------------------------------------------------------------------
@@ -111,8 +141,8 @@ def test_folders_contract(registered_nodes):
 def test_latents_contract(tiny):
     model, _, vae = tiny
     latent_format = model.get_model_object("latent_format")
-    require(hasattr(latent_format, "process_in") and latent_format.latent_channels == 4,
-            "MODEL.get_model_object('latent_format') no longer has process_in / latent_channels", "latents.py")
+    require(hasattr(latent_format, "process_in"),
+            "MODEL.get_model_object('latent_format') no longer has process_in", "latents.py (to_unet_space)")
     with torch.inference_mode():
         raw = vae.encode(torch.rand(1, 64, 64, 3))
     require(tuple(raw.shape) == (1, 4, 8, 8), f"VAE.encode(IMAGE) returned {tuple(raw.shape)}", "latents.py (encode)")

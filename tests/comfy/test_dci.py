@@ -180,9 +180,20 @@ def test_rra_acts_on_the_concept_branch_not_the_auxiliary(applied, tiny, tiny_sh
 def test_weights_preview(applied):
     model, clip, _, _ = applied
     guider, _ = dci_guider(model, clip)
-    with pytest.raises(ValueError, match="not sampled yet"):
+    with pytest.raises(ValueError) as raised:
         run("EqDiffDCIWeights", guider=guider, samples={"samples": torch.zeros(1, 4, 8, 8)})
+    assert str(raised.value) == ("guider: it has not sampled yet; connect the sampler's output latent to 'samples' "
+                                 "so this node runs after it")
+    with pytest.raises(ValueError) as raised:
+        run("EqDiffDCIWeights", guider=cfg_guider(model, clip), samples={"samples": torch.zeros(1, 4, 8, 8)})
+    assert str(raised.value) == "guider: connect the DCI Guider's output"
     sample_with(guider, model)
+    weights, _, evaluations = pack_module("nodes.comfyui.guiders").last_weights(guider)
+    recorded = guider.log.last
+    assert evaluations >= 2 and set(recorded.counts.values()) == {evaluations}
+    for key, mean in weights.items():  # each w_a is a branch weight in [0, 1]; the mean is sum / evaluations
+        assert torch.allclose(mean * evaluations, recorded.weights[key])
+        assert 0 <= float(mean.min()) and float(mean.max()) <= 1
     image = run("EqDiffDCIWeights", guider=guider, samples={"samples": torch.zeros(1, 4, 8, 8)})[0]
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
     assert 0 <= float(image.min()) and float(image.max()) <= 1

@@ -138,11 +138,16 @@ def test_registration_keeps_user_paths_and_other_extensions(registered_nodes, tm
     folder_paths.add_model_folder_path("sams", user)  # as extra_model_paths.yaml does
     paths, exts = folder_paths.folder_names_and_paths["sams"]
     folder_paths.folder_names_and_paths["sams"] = (paths, set(exts) | {".pt"})  # another pack's extension
+    concept_paths, _ = folder_paths.folder_names_and_paths["eqdiff"]
+    folder_paths.folder_names_and_paths["eqdiff"] = (concept_paths, {".safetensors", ".ckpt"})
     pack_module("nodes.comfyui.folders").register()
-    for name in ("grounding-dino", "sams"):
+    for name in ("grounding-dino", "sams", "eqdiff", "eqdiff_class_images", "eqdiff_metrics"):
         paths, exts = folder_paths.folder_names_and_paths[name]
         assert os.path.join(folder_paths.models_dir, name) in paths
-        assert {".pth", ".safetensors"} <= exts
+    for name in ("grounding-dino", "sams"):
+        assert {".pth", ".safetensors"} <= folder_paths.folder_names_and_paths[name][1]
+    # concept files are safetensors only, whatever another pack registered for the folder
+    assert folder_paths.folder_names_and_paths["eqdiff"][1] == {".safetensors"}
     paths, exts = folder_paths.folder_names_and_paths["sams"]
     assert user in paths and ".pt" in exts
     paths.remove(user)

@@ -36,17 +36,25 @@ def last_run(model):
     return pack_module("nodes.comfyui.attention").run_log(model).last
 
 
+def base_weights(model) -> dict:
+    """The UNet's weights with no model loaded: a loaded clone (this or an earlier test's) holds its
+    weight patches merged into the module that all clones share."""
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    return {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
 def snapshot(model):
     """What must not change on a source MODEL: its options, patches and weights."""
-    return (repr(model.model_options), sorted(model.patches), model.patches_uuid,
-            {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()})
+    return repr(model.model_options), sorted(model.patches), model.patches_uuid, base_weights(model)
 
 
 def assert_unchanged(model, snap):
     options, patches, uuid, weights = snap
     assert repr(model.model_options) == options and sorted(model.patches) == patches
     assert model.patches_uuid == uuid
-    for k, v in model.model.diffusion_model.state_dict().items():
+    for k, v in base_weights(model).items():
         assert torch.equal(v, weights[k]), k
 
 
@@ -110,6 +118,22 @@ def test_applied_weights_are_base_plus_strength_times_the_files_deltas(tiny, tin
             assert torch.allclose(patched[key], want, atol=1e-6, rtol=0), (strength, key)
     # strength 0: the image of the base model, bit for bit
     assert torch.equal(sample(m, clip, prompt="a dog"), sample(model, clip, prompt="a dog"))
+
+
+def test_fingerprints_digest_the_unet_weights_as_sampled_and_as_loaded(tiny, tiny_shapes):
+    """fingerprint: the digest of the UNet weights the MODEL computes with (ComfyUI's own patching is the
+    reference); base_fingerprint: of the weights before any patch. Only UNet weights count."""
+    from comfy_env import pack_module
+
+    weights = pack_module("nodes.comfyui.weights")
+    model, clip, _ = tiny
+    m = run("EqDiffApplyConcept", model=model, clip=clip, concept=random_concept(*tiny_shapes, gate=None, seed=5),
+            strength=0.5, token="")[0]
+    unet = lambda w: {k.removeprefix("diffusion_model."): v for k, v in w.items()}  # noqa: E731
+    base, applied = unet(unet_weights_as_sampled(model)), unet(unet_weights_as_sampled(m))
+    assert weights.fingerprint(m) == weights._digest(applied) != weights._digest(base)
+    assert weights.fingerprint(model) == weights.base_fingerprint(model) == weights.base_fingerprint(m) \
+        == weights._digest(base)
 
 
 def test_concept_for_another_model_shape_is_rejected(tiny, tiny_shapes):

@@ -219,6 +219,27 @@ def test_checkpointing_gives_the_same_gradients(registered_nodes, tiny, pack):
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
 
 
+def test_a_checkpointed_layer_recomputes_with_the_arguments_of_its_first_call(pack):
+    """ComfyUI changes transformer_options after a layer returns, before backward recomputes the layer;
+    the recomputation must see the dictionaries (positional or keyword) as they were at the call."""
+    comfy_training, _ = pack
+    seen = []
+
+    def forward(x, options, scale=1.0, extra=None):
+        seen.append((dict(options), dict(extra)))
+        return x * x * scale  # saves x for backward, so backward recomputes the layer
+
+    layer = comfy_training._checkpointed(forward)
+    options, extra = {"block": ("input", 1)}, {"index": 0}
+    x = torch.ones(3, requires_grad=True)
+    with torch.inference_mode(False):
+        y = layer(x, options, scale=2.0, extra=extra)
+        options["block"], extra["index"] = ("output", 9), 5  # as ComfyUI's walk over the UNet does
+        y.sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 4.0))  # d(2 x^2)/dx at 1
+    assert seen == [({"block": ("input", 1)}, {"index": 0})] * 2  # the call, then the recomputation
+
+
 def test_resume_continues_as_an_uninterrupted_run(registered_nodes, tiny):
     straight = run_trainer(registered_nodes, tiny, steps=3)[0]
     half = run_trainer(registered_nodes, tiny, steps=2)[0]
@@ -369,10 +390,11 @@ def test_the_trainable_copy_holds_the_weights_the_model_computes_with(tiny, pack
     weights = pack_module("nodes.comfyui.weights")
     model = tiny[0]
     key = next(k for k in tiny_shapes[0] if k.endswith("attn2.to_k.weight"))
+    # unloaded first: a model an earlier test left loaded holds its patches merged into the weights
+    comfy.model_management.unload_all_models()
     base = model.model_state_dict()[key].float().clone()
     patched = model.clone()
     patched.add_patches({key: (torch.full(base.shape, 0.125),)}, 2.0)
-    comfy.model_management.unload_all_models()
     try:
         patched.patch_model(torch.device("cpu"), lowvram_model_memory=1)  # patches applied per call, not merged
         module_weight = patched.get_model_object("diffusion_model").get_parameter(key[len("diffusion_model."):])
