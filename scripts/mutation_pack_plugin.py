@@ -10,7 +10,8 @@ by scripts/mutation.sh --boundary (``-p mutation_pack_plugin``), never by the su
 2. Folders. mutmut runs two mutants at once, each in a process of its own; tests that save a concept or
    an image to a fixed name would read each other's files. Each test session gets its own concept,
    embedding, class-image, input, output and temp folders.
-3. Order. The tests run in the suite's order, and the one that loads the pack in a fresh interpreter is
+3. Memory. Models are unloaded after each session (below).
+4. Order. The tests run in the suite's order, and the one that loads the pack in a fresh interpreter is
    left out (below).
 """
 
@@ -68,6 +69,18 @@ def translate_names() -> None:
 
 def pytest_configure(config) -> None:
     translate_names()
+
+
+def pytest_sessionfinish(session) -> None:
+    """mutmut runs the statistics and the clean run in its own process, then forks it for every mutant:
+    models left loaded would be copied into every fork (the first full run was killed for memory)."""
+    import gc
+
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+    gc.collect()
 
 
 # Runs the pack in a fresh interpreter, where the mutated modules import mutmut itself (a foreign import,
