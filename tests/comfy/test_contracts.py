@@ -107,6 +107,17 @@ def test_half_precision_and_bf16_by_device(registered_nodes):
     assert management.supports_bf16(torch.device("cuda")) == torch.cuda.is_bf16_supported()
 
 
+def test_images_and_tensors_convert_both_ways(registered_nodes):
+    from comfy_env import pack_module
+
+    management = pack_module("nodes.comfyui.management")
+    bchw = torch.arange(24, dtype=torch.float16).reshape(1, 3, 2, 4)
+    image = management.bchw_to_image(bchw)
+    assert image.dtype == torch.float32 and image.shape == (1, 2, 4, 3) and image.is_contiguous()
+    assert image.device == management.intermediate_device() and torch.equal(image, bchw.float().permute(0, 2, 3, 1))
+    assert torch.equal(management.image_to_bchw(image), bchw.float())
+
+
 @pytest.mark.cuda
 def test_device_auto_is_the_gpu_and_cpu_stays_on_the_cpu(registered_nodes):
     from comfy_env import pack_module
@@ -116,6 +127,8 @@ def test_device_auto_is_the_gpu_and_cpu_stays_on_the_cpu(registered_nodes):
 
     management = pack_module("nodes.comfyui.management")
     assert management.devices("auto")[0].type == "cuda"
+    on_gpu = torch.zeros(1, 3, 2, 2, device="cuda")
+    assert management.bchw_to_image(on_gpu).device == management.intermediate_device()
     assert management.managed(torch.nn.Linear(4, 4), "cpu").load_device == torch.device("cpu")
     assert management.managed(torch.nn.Linear(4, 4), "auto").load_device.type == "cuda"
 
@@ -149,6 +162,19 @@ def test_latents_contract(tiny):
 
 
 # -- tokens ----------------------------------------------------------------------------------------
+def test_real_tokens_are_the_text_between_start_and_end(tiny):
+    """What the DCI guider reads a prompt's words from: the ids the CLIP tokenizer gives the text."""
+    from comfy_env import pack_module
+
+    _, clip, _ = tiny
+    vocabulary = getattr(clip.tokenizer, clip.tokenizer.clip).tokenizer.get_vocab()
+    real = pack_module("nodes.comfyui.tokens").real_tokens
+    assert real(clip, "a photo of a dog") == [vocabulary[w + "</w>"] for w in ("a", "photo", "of", "a", "dog")]
+    assert real(clip, "") == []
+    with pytest.raises(ValueError, match="longer than one CLIP row"):
+        real(clip, "dog " * 80)
+
+
 def test_tokens_contract(tiny, tmp_path):
     """The concept token rides on the public ``embedding:`` syntax: a file in a folder of the tokenizer's
     embedding search path becomes a tensor token with the prompt's weight. The tokenizer's private
