@@ -51,7 +51,7 @@ def sample(model, positive, negative, latent: dict, seed: int, sampler, sigmas: 
     callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
     latent["samples"] = comfy.sample.sample_custom(
         model, noise, cfg, sampler, sigmas, positive, negative, samples, noise_mask=latent.get("noise_mask"),
-        callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        callback=callback, seed=seed)
     latent.pop("noise_mask", None)
     return latent
 

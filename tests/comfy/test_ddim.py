@@ -49,3 +49,43 @@ def test_matches_diffusers_ddim_step_by_step(tiny):
             x_vp = scheduler.step(eps(x_vp, t), t, x_vp, eta=0.0).prev_sample
         assert torch.allclose(xs[-1] * alphas[0].sqrt(), x_vp, rtol=1e-4, atol=1e-4)
         assert len(xs) == steps + 1
+
+
+def sample_node(model, clip, latent, seed=3, steps=3, eta=0.0):
+    """The Equilibrated Sampler node (nodes/sampler.py) on a LATENT dict."""
+    with torch.inference_mode():
+        pos = nodes.CLIPTextEncode().encode(clip, "a photo of a dog")[0]
+        neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+        node = nodes.NODE_CLASS_MAPPINGS["EqDiffEquilibratedSampler"]
+        return node.execute(model, pos, neg, latent, seed, steps, 4.0, eta).args[0]
+
+
+def test_the_latent_is_sampled_as_ksampler_samples_it(tiny):
+    """As KSampler: the noise of batch item i whatever the batch ('batch_index', as Latent From Batch
+    sets it), the noise mask honoured (0: the input latent stays), eta > 0 repeatable by seed only."""
+    model, clip, _ = tiny
+    both = sample_node(model, clip, {"samples": torch.zeros(2, 4, 8, 8)})["samples"]
+    second = sample_node(model, clip, {"samples": torch.zeros(1, 4, 8, 8), "batch_index": [1]})["samples"]
+    assert torch.equal(second[0], both[1]) and not torch.equal(both[0], both[1])
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    free = sample_node(model, clip, {"samples": start})["samples"]
+    kept = sample_node(model, clip, {"samples": start, "noise_mask": torch.zeros(1, 1, 64, 64)})
+    assert "noise_mask" not in kept  # the output LATENT carries no mask on to the next sampler
+    # masked out everywhere: the input latent, noised only to the schedule's last sigma (DDIM ends above 0)
+    assert (kept["samples"] - start).abs().max() < (free - start).abs().max() / 4
+    a, b = (sample_node(model, clip, {"samples": torch.zeros(1, 4, 8, 8)}, eta=0.8)["samples"] for _ in range(2))
+    other = sample_node(model, clip, {"samples": torch.zeros(1, 4, 8, 8)}, seed=4, eta=0.8)["samples"]
+    assert torch.equal(a, b) and not torch.equal(a, other)
+
+
+def test_progress_is_reported_at_every_step(tiny):
+    import comfy.utils
+
+    model, clip, _ = tiny
+    reported = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: reported.append((value, total)))
+    try:
+        sample_node(model, clip, {"samples": torch.zeros(1, 4, 8, 8)}, steps=4)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert reported == [(1, 4), (2, 4), (3, 4), (4, 4)]
