@@ -10,7 +10,7 @@ by scripts/mutation.sh --boundary (``-p mutation_pack_plugin``), never by the su
 2. Folders. mutmut runs two mutants at once, each in a process of its own; tests that save a concept or
    an image to a fixed name would read each other's files. Each test session gets its own concept,
    embedding, class-image, input, output and temp folders.
-3. Memory. Models are unloaded after each session (below).
+3. Memory and disk. Models are unloaded and the session's temporary folder removed after each session.
 4. Order. The tests run in the suite's order, and the one that loads the pack in a fresh interpreter is
    left out (below).
 """
@@ -18,7 +18,9 @@ by scripts/mutation.sh --boundary (``-p mutation_pack_plugin``), never by the su
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -67,8 +69,13 @@ def translate_names() -> None:
     trampoline.eqdiff_translated = True
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config) -> None:
+    """Each session also gets a temporary folder of its own, removed when it ends: pytest's numbered
+    folders are kept while their lock is held, and a mutant's process ends without releasing it, so
+    thousands of sessions filled the disk (24 GB of /tmp/pytest-of-root)."""
     translate_names()
+    config.option.basetemp = tempfile.mkdtemp(prefix="eqdiff-mutant-")
 
 
 def pytest_sessionfinish(session) -> None:
@@ -81,6 +88,7 @@ def pytest_sessionfinish(session) -> None:
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
     gc.collect()
+    shutil.rmtree(session.config.option.basetemp, ignore_errors=True)
 
 
 # Runs the pack in a fresh interpreter, where the mutated modules import mutmut itself (a foreign import,
