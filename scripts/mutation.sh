@@ -73,7 +73,7 @@ if [ "$SOURCE" = eqdiff_core ]; then
 else
   WORK=$MDIR/boundary
   REPORT=$REPO/reports/mutation-boundary.json
-  TESTS="tests/comfy (the tests that reach each mutated function), in-process ComfyUI $(cat "$EQDIFF_ENV/ComfyUI/comfyui_version.py" | sed -n -E 's/^__version__ = "([^"]+)".*/\1/p')"
+  TESTS="tests/comfy (the tests that reach each mutated function), in-process ComfyUI $(sed -n -E 's/^__version__ = "([^"]+)".*/\1/p' "$EQDIFF_ENV/ComfyUI/comfyui_version.py")"
   mkdir -p "$WORK"
   # the tracked and new files of the repository (not the ignored ones: no venvs, no mutants/)
   git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$WORK"

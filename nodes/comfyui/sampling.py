@@ -11,7 +11,6 @@ import torch
 
 import comfy.sample
 import comfy.samplers
-import comfy.utils
 import latent_preview
 from comfy.k_diffusion.sampling import default_noise_sampler
 

@@ -5,6 +5,7 @@ from diffusers import DDIMScheduler
 
 import comfy.sample
 import nodes
+from comfy_runs import encode, run
 from eqdiff_core.sampling import ddim_timesteps
 
 
@@ -53,11 +54,8 @@ def test_matches_diffusers_ddim_step_by_step(tiny):
 
 def sample_node(model, clip, latent, seed=3, steps=3, eta=0.0):
     """The Equilibrated Sampler node (nodes/sampler.py) on a LATENT dict."""
-    with torch.inference_mode():
-        pos = nodes.CLIPTextEncode().encode(clip, "a photo of a dog")[0]
-        neg = nodes.CLIPTextEncode().encode(clip, "")[0]
-        node = nodes.NODE_CLASS_MAPPINGS["EqDiffEquilibratedSampler"]
-        return node.execute(model, pos, neg, latent, seed, steps, 4.0, eta).args[0]
+    return run("EqDiffEquilibratedSampler", model=model, positive=encode(clip, "a photo of a dog"),
+               negative=encode(clip, ""), latent_image=latent, seed=seed, steps=steps, cfg=4.0, eta=eta)[0]
 
 
 def test_the_latent_is_sampled_as_ksampler_samples_it(tiny):
