@@ -101,12 +101,13 @@ class EqDiffClassImages(io.ComfyNode):
     def _sample(model, clip, vae, prompt, size, seed, steps, cfg, batch_size, missing, paths) -> None:
         """Samples the missing images batch by batch, each written as soon as it is decoded."""
         positive, negative = tokens.conditioning(clip, prompt), tokens.conditioning(clip, "")
-        progress = management.Progress(len(missing) * steps)
+        progress = management.Progress(len(missing) * steps)  # image-steps
         lat = size // 8
         for start in range(0, len(missing), batch_size):
             indices = missing[start:start + batch_size]
             noise = torch.cat([sampling.seeded_noise((1, 4, lat, lat), seed + i) for i in indices])
-            latent = sampling.ddim_from_noise(model, positive, negative, noise, steps, cfg, progress.update)
+            latent = sampling.ddim_from_noise(model, positive, negative, noise, steps, cfg,
+                                              lambda: progress.update(len(indices)))
             images = vae.decode(latent)
             for i, image in zip(indices, images.reshape(-1, *images.shape[-3:])):
                 _png(image, paths[i])

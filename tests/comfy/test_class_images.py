@@ -56,25 +56,32 @@ def test_image_i_depends_only_on_the_settings_and_i(node, tiny, tmp_path):
 
 
 def test_a_stopped_run_keeps_what_it_made(node, tiny, tmp_path):
+    """Stopped in its second batch, a run keeps the first batch's images; the next run samples only the
+    missing ones, and its progress bar (in image-steps) reaches its end."""
     import comfy.model_management as mm
     import comfy.utils
 
-    calls = []
+    steps, batch = SETTINGS["steps"], SETTINGS["batch_size"]
+    seen, stop_after = [], [steps * batch]
 
-    def stop_in_second_batch(value, total, preview, **kwargs):
-        calls.append(value)
-        if len(calls) == SETTINGS["steps"] + 1:  # the first step of the second batch
+    def hook(value, total, preview, **kwargs):
+        seen.append((value, total))
+        if value > stop_after[0]:  # ComfyUI (0.9.2 on) throttles updates: the first one sent past the first batch
             mm.interrupt_current_processing(True)
 
-    comfy.utils.set_progress_bar_global_hook(stop_in_second_batch)
+    comfy.utils.set_progress_bar_global_hook(hook)
     try:
         with pytest.raises(mm.InterruptProcessingException):
             run(node, tiny, 4)
+        assert seen[0] == (batch, 4 * steps)  # every step of a batch advances the bar by its images
+        assert [p.name for p in cached_files(tmp_path)] == ["00000.png", "00001.png"]
+        seen.clear()
+        stop_after[0] = float("inf")
+        assert run(node, tiny, 4).shape[0] == 4 and len(cached_files(tmp_path)) == 4
+        assert seen[-1] == (2 * steps, 2 * steps)  # two images were missing
     finally:
         mm.interrupt_current_processing(False)
         comfy.utils.set_progress_bar_global_hook(None)
-    assert [p.name for p in cached_files(tmp_path)] == ["00000.png", "00001.png"]
-    assert run(node, tiny, 4).shape[0] == 4 and len(cached_files(tmp_path)) == 4
 
 
 def test_an_empty_prompt_is_refused(node):
