@@ -18,9 +18,10 @@ RRA_DEFAULTS = dict(strength=1.0, start_percent=0.0, end_percent=1.0, reference_
 
 
 
-def sample(model, clip, seed=1, steps=3, cfg=5.0, batch=1, size=64, prompt="a photo of <testconcept> dog"):
+def sample(model, clip, seed=1, steps=3, cfg=5.0, batch=1, size=64, prompt="a photo of <testconcept> dog",
+           negative=""):
     latent = nodes.EmptyLatentImage().generate(size, size, batch)[0]
-    return run("EqDiffEquilibratedSampler", model=model, positive=encode(clip, prompt), negative=encode(clip, ""),
+    return run("EqDiffEquilibratedSampler", model=model, positive=encode(clip, prompt), negative=encode(clip, negative),
                latent_image=latent, seed=seed, steps=steps, cfg=cfg, eta=0.0)[0]["samples"]
 
 
@@ -352,6 +353,36 @@ def test_long_prompts_and_other_reference_contexts(gated):
     ref_cond = encode(c, long_prompt)
     patched = rra_patch(m, concept, vae, cache=False, reference_conditioning=ref_cond)
     assert torch.isfinite(sample(patched, c)).all()
+
+
+def test_reference_rows_whose_texts_share_no_length_get_a_call_each(gated):
+    """A 154-token reference text and a 231-token negative prompt: neither length divides the other, so
+    the reference rows run one UNet call each. Expected value: the same reference text repeated to 462
+    tokens, which shares one call with the negative repeated twice; repeating all keys of an attention
+    leaves it unchanged, so both give the same image up to float rounding."""
+    m, c, vae, concept = gated
+    reference = encode(c, "a photo of a dog, " + ", ".join(["on a sunny beach with palm trees"] * 12))
+    negative = ", ".join(["blurry, dark, low quality, cropped, out of frame"] * 15)
+    assert reference[0][0].shape[1] == 154 and encode(c, negative)[0][0].shape[1] == 231
+    repeated = [[reference[0][0].repeat(1, 3, 1), reference[0][1]]]
+    calls = []
+
+    def recorder(n, context, value, extra_options):  # a foreign attn2 patch: (rows, text length) per call
+        calls.append((n.shape[0], context.shape[1]))
+        return n, context, value
+
+    other = m.clone()
+    other.set_model_attn2_patch(recorder)
+    own_calls = sample(rra_patch(other, concept, vae, cache=False, reference_conditioning=reference), c,
+                       negative=negative)
+    per_row = set(calls)
+    calls.clear()
+    one_call = sample(rra_patch(other, concept, vae, cache=False, reference_conditioning=repeated), c,
+                      negative=negative)
+    assert per_row == {(2, 231), (1, 154), (1, 231)}  # the target rows, then each reference row alone
+    assert set(calls) == {(2, 231), (2, 462)}
+    assert torch.allclose(own_calls, one_call, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(own_calls, sample(m, c, negative=negative), atol=1e-2)  # RRA acted
 
 
 def test_reference_maps_show_the_gate_and_the_subject_share(tiny, tiny_shapes):
