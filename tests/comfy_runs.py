@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from comfy_env import use_comfy
@@ -26,6 +28,32 @@ def run(name: str, **inputs):
 def encode(clip, text: str):
     with torch.inference_mode():
         return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+@contextlib.contextmanager
+def progress_reports(on_report=None):
+    """The (value, total) of every progress update the nodes send while in the block, as the server's
+    hook receives them, unthrottled (ComfyUI 0.9.2 on sends at most one update per 0.1 s, which would make
+    what a test sees depend on the machine's speed). ``on_report(value, total)`` runs on each."""
+    import comfy.utils
+
+    reports = []
+
+    def hook(value, total, preview, node_id=None):
+        reports.append((value, total))
+        if on_report is not None:
+            on_report(value, total)
+
+    throttle = getattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL", None)
+    if throttle is not None:
+        comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL = 0.0
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        yield reports
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        if throttle is not None:
+            comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL = throttle
 
 
 def photos(n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from comfy_env import pack_module, use_comfy
+from comfy_runs import progress_reports
 
 use_comfy()
 SETTINGS = dict(class_prompt="dog", size=64, seed=3, steps=2, cfg=5.0, batch_size=2)
@@ -59,29 +60,23 @@ def test_a_stopped_run_keeps_what_it_made(node, tiny, tmp_path):
     """Stopped in its second batch, a run keeps the first batch's images; the next run samples only the
     missing ones, and its progress bar (in image-steps) reaches its end."""
     import comfy.model_management as mm
-    import comfy.utils
 
     steps, batch = SETTINGS["steps"], SETTINGS["batch_size"]
-    seen, stop_after = [], [steps * batch]
 
-    def hook(value, total, preview, **kwargs):
-        seen.append((value, total))
-        if value > stop_after[0]:  # ComfyUI (0.9.2 on) throttles updates: the first one sent past the first batch
+    def stop_in_second_batch(value, total):
+        if value > steps * batch:
             mm.interrupt_current_processing(True)
 
-    comfy.utils.set_progress_bar_global_hook(hook)
     try:
-        with pytest.raises(mm.InterruptProcessingException):
+        with progress_reports(stop_in_second_batch) as seen, pytest.raises(mm.InterruptProcessingException):
             run(node, tiny, 4)
-        assert seen[0] == (batch, 4 * steps)  # every step of a batch advances the bar by its images
-        assert [p.name for p in cached_files(tmp_path)] == ["00000.png", "00001.png"]
-        seen.clear()
-        stop_after[0] = float("inf")
-        assert run(node, tiny, 4).shape[0] == 4 and len(cached_files(tmp_path)) == 4
-        assert seen[-1] == (2 * steps, 2 * steps)  # two images were missing
     finally:
         mm.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(None)
+    assert seen[:steps + 1] == [(batch * (i + 1), 4 * steps) for i in range(steps + 1)]  # a batch's step: its images
+    assert [p.name for p in cached_files(tmp_path)] == ["00000.png", "00001.png"]
+    with progress_reports() as seen:
+        assert run(node, tiny, 4).shape[0] == 4 and len(cached_files(tmp_path)) == 4
+    assert seen == [(batch * (i + 1), 2 * steps) for i in range(steps)]  # two images were missing
 
 
 def test_an_empty_prompt_is_refused(node):

@@ -5,7 +5,7 @@ from diffusers import DDIMScheduler
 
 import comfy.sample
 import nodes
-from comfy_runs import encode, run
+from comfy_runs import encode, progress_reports, run
 from eqdiff_core.sampling import ddim_timesteps
 
 
@@ -77,13 +77,7 @@ def test_the_latent_is_sampled_as_ksampler_samples_it(tiny):
 
 
 def test_progress_is_reported_at_every_step(tiny):
-    import comfy.utils
-
     model, clip, _ = tiny
-    reported = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: reported.append((value, total)))
-    try:
+    with progress_reports() as reported:
         sample_node(model, clip, {"samples": torch.zeros(1, 4, 8, 8)}, steps=4)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
     assert reported == [(1, 4), (2, 4), (3, 4), (4, 4)]

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from comfy_env import REPO
+from comfy_runs import progress_reports
 from eqdiff_core import grounding as core
 from grounding_files import assert_matches_reference, factory_files, reference
 
@@ -259,19 +260,16 @@ def test_dilate_and_feather(mask_node, models):
 
 def test_progress_and_interruption(mask_node, models):
     import comfy.model_management as mm
-    import comfy.utils
 
-    calls = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
-    try:
+    with progress_reports() as calls:
         run(mask_node, models, images(2), box_threshold=1.0)
-        assert calls == [(1, 2), (2, 2)]
-        mm.interrupt_current_processing(True)
+    assert calls == [(1, 2), (2, 2)]
+    mm.interrupt_current_processing(True)
+    try:
         with pytest.raises(mm.InterruptProcessingException):
             run(mask_node, models, images(2), box_threshold=1.0)
     finally:
         mm.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(None)
 
 
 def test_bad_inputs_name_the_input(mask_node, models):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_env import pack_module
-from comfy_runs import SIZE, photos, run_trainer
+from comfy_runs import SIZE, photos, progress_reports, run_trainer
 
 
 @pytest.fixture(scope="module")
@@ -330,27 +330,23 @@ def test_nan_loss_keeps_the_last_good_state(registered_nodes, tiny):
 
 def test_interruption_saves_the_last_state(registered_nodes, tiny):
     import comfy.model_management
-    import comfy.utils
     import folder_paths
 
     from eqdiff_core import concept as concept_io
 
-    def hook(value, total, preview, node_id=None):
+    def stop(value, total):
         if value >= 1:
             comfy.model_management.interrupt_current_processing(True)
 
     autosave = os.path.join(folder_paths.get_folder_paths("eqdiff")[0], "unit.autosave.safetensors")
-    comfy.utils.set_progress_bar_global_hook(hook)
     try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
+        with progress_reports(stop), pytest.raises(comfy.model_management.InterruptProcessingException):
             run_trainer(registered_nodes, tiny, steps=4)
-        comfy.utils.set_progress_bar_global_hook(None)
         saved = concept_io.load(autosave)
         assert saved.metadata["training_step"] == 1 and saved.training_state
         resumed = run_trainer(registered_nodes, tiny, steps=2, resume_from=saved)[0]
         assert resumed.metadata["training_step"] == 2 and len(resumed.metadata["loss_history"]) == 2
     finally:
-        comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
         if os.path.exists(autosave):
             os.remove(autosave)
