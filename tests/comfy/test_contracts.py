@@ -131,6 +131,12 @@ def test_device_auto_is_the_gpu_and_cpu_stays_on_the_cpu(registered_nodes):
     assert management.bchw_to_image(on_gpu).device == management.intermediate_device()
     assert management.managed(torch.nn.Linear(4, 4), "cpu").load_device == torch.device("cpu")
     assert management.managed(torch.nn.Linear(4, 4), "auto").load_device.type == "cuda"
+    # the CPU computes in float32 also beside a GPU: half_dtype asks about the device it is given
+    assert management.half_dtype(torch.device("cpu")) == torch.float32
+    gpu = management.devices("auto")[0]
+    assert management.half_dtype(gpu) in (torch.bfloat16, torch.float16)
+    if torch.cuda.get_device_capability(gpu)[0] >= 8:  # Ampere and later have bf16
+        assert management.half_dtype(gpu) == torch.bfloat16
 
 
 # -- folders ---------------------------------------------------------------------------------------
@@ -173,6 +179,29 @@ def test_real_tokens_are_the_text_between_start_and_end(tiny):
     assert real(clip, "") == []
     with pytest.raises(ValueError, match="longer than one CLIP row"):
         real(clip, "dog " * 80)
+
+
+@pytest.mark.cuda
+def test_token_rows_come_to_the_cpu_from_a_clip_on_the_gpu(tiny):
+    import comfy.model_management
+
+    from comfy_env import pack_module
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _, clip, _ = tiny
+    tokens = pack_module("nodes.comfyui.tokens")
+    clip.load_model()
+    try:
+        table = tokens.token_table(clip)
+        assert table.device.type == "cuda"  # ComfyUI loads the text encoder on the GPU
+        vocabulary = getattr(clip.tokenizer, clip.tokenizer.clip).tokenizer.get_vocab()
+        ids = [vocabulary["a</w>"], vocabulary["dog</w>"]]
+        rows = tokens.text_rows(clip, "a dog")
+        assert rows.device.type == "cpu" and torch.equal(rows, table[ids].float().cpu())
+        assert tokens.vocabulary_row(clip, "dog").device.type == "cpu"
+    finally:
+        comfy.model_management.unload_all_models()
 
 
 def test_tokens_contract(tiny, tmp_path):
