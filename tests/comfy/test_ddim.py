@@ -64,7 +64,9 @@ def test_the_latent_is_sampled_as_ksampler_samples_it(tiny):
     model, clip, _ = tiny
     both = sample_node(model, clip, {"samples": torch.zeros(2, 4, 8, 8)})["samples"]
     second = sample_node(model, clip, {"samples": torch.zeros(1, 4, 8, 8), "batch_index": [1]})["samples"]
-    assert torch.equal(second[0], both[1]) and not torch.equal(both[0], both[1])
+    # the same noise; a batch of 1 and of 2 may round differently (ComfyUI 0.33.0 does after other tests)
+    assert torch.allclose(second[0], both[1], rtol=1e-4, atol=1e-4)
+    assert (both[0] - both[1]).abs().max() > 1
     start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     free = sample_node(model, clip, {"samples": start})["samples"]
     kept = sample_node(model, clip, {"samples": start, "noise_mask": torch.zeros(1, 1, 64, 64)})
