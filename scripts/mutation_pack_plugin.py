@@ -120,6 +120,8 @@ def own_folders(tmp_path_factory):
     writes to a folder's first path."""
     import folder_paths
 
+    # file lists cached by an earlier session of this process name its folders, removed with its basetemp
+    folder_paths.filename_list_cache.clear()
     for name in PACK_FOLDERS:
         folder_paths.folder_names_and_paths.pop(name, None)
     for name in WRITTEN:
