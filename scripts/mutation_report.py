@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--source", default="eqdiff_core", help="the mutated folder (mutmut's source_paths)")
     parser.add_argument("--tests", default="tests/unit (the tests that reach each mutated function)",
                         help="what the mutants were run against, for the report")
+    parser.add_argument("--tests-folder", default="tests/unit",
+                        help="the tests' folder: uncommitted changes there mark the report's commit")
     parser.add_argument("--out")
     parser.add_argument("--equivalent", help="JSON: mutant name -> {mutated: [lines], reason}")
     parser.add_argument("--gpu-only", help="JSON: mutant name -> {mutated: [lines], reason naming the cuda test}")
@@ -109,15 +111,14 @@ def main() -> None:
     for summary in modules.values():
         totals.update({k: v for k, v in summary.items() if isinstance(v, int)})
     detected = totals["killed"] + totals["timeout"]
-    tests_folder = args.tests.split()[0]
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", args.source, tests_folder],
+    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", args.source, args.tests_folder],
                                 capture_output=True, text=True).stdout.strip())
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tool": f"mutmut {mutmut.__version__}",
         "tests": args.tests,
-        "commit": commit + (f"+uncommitted changes in {args.source}/ or {tests_folder}/" if dirty else ""),
+        "commit": commit + (f"+uncommitted changes in {args.source}/ or {args.tests_folder}/" if dirty else ""),
         "score_definition": "(killed + timeout) / (mutants run - equivalent); not_run: mutants without a "
                             "result yet (a run stopped by its time limit; scripts/mutation.sh --continue); gpu_only: "
                             "survivors that a cuda-marked test tells apart on a CUDA machine, counted as survived",
