@@ -69,13 +69,17 @@ done
 if [ "$SOURCE" = eqdiff_core ]; then
   WORK=$REPO
   REPORT=$REPO/reports/mutation.json
-  TESTS="tests/unit (the tests that reach each mutated function)"
+  TESTS_FOLDER=tests/unit
+  TESTS="$TESTS_FOLDER (the tests that reach each mutated function)"
 else
   WORK=$MDIR/boundary
   REPORT=$REPO/reports/mutation-boundary.json
-  TESTS="tests/comfy (the tests that reach each mutated function), in-process ComfyUI $(sed -n -E 's/^__version__ = "([^"]+)".*/\1/p' "$EQDIFF_ENV/ComfyUI/comfyui_version.py")"
+  TESTS_FOLDER=tests/comfy
+  TESTS="$TESTS_FOLDER (the tests that reach each mutated function), in-process ComfyUI $(sed -n -E 's/^__version__ = "([^"]+)".*/\1/p' "$EQDIFF_ENV/ComfyUI/comfyui_version.py")"
   mkdir -p "$WORK"
-  # the tracked and new files of the repository (not the ignored ones: no venvs, no mutants/)
+  # the tracked and new files of the repository (not the ignored ones: no venvs, no mutants/); the copy's
+  # own files go first, so that a file deleted from the repository is gone there too
+  find "$WORK" -mindepth 1 -maxdepth 1 ! -name mutants -exec rm -rf {} +
   git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$WORK"
   cp scripts/mutation_boundary.cfg "$WORK/setup.cfg"
   CENV=$MDIR/comfy-env
@@ -90,7 +94,7 @@ else
 fi
 cd "$WORK"
 [ $FRESH -eq 0 ] || rm -rf mutants
-REPORT_ARGS=(--source "$SOURCE" --tests "$TESTS" --out "$REPORT" --mutmut-version "$MUTMUT_VERSION"
+REPORT_ARGS=(--source "$SOURCE" --tests "$TESTS" --tests-folder "$TESTS_FOLDER" --out "$REPORT" --mutmut-version "$MUTMUT_VERSION"
              --equivalent "$REPO/scripts/mutation_equivalent.json" --gpu-only "$REPO/scripts/mutation_gpu_only.json")
 if [ $REPORT_ONLY -eq 0 ]; then
   [ ${#MODULES[@]} -gt 0 ] || for f in "$SOURCE"/*.py; do
