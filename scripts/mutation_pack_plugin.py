@@ -17,9 +17,7 @@ by scripts/mutation.sh --boundary (``-p mutation_pack_plugin``), never by the su
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 import tempfile
 
 import pytest
@@ -33,12 +31,10 @@ def pack_module_prefix() -> str | None:
     same folder the same name each time."""
     global _prefix
     if _prefix is None:
-        from comfy_env import PACK_DIR
+        from comfy_env import pack_package
 
-        init = os.path.realpath(PACK_DIR / "__init__.py")
-        for name, module in list(sys.modules.items()):
-            if os.path.realpath(getattr(module, "__file__", None) or os.devnull) == init:
-                _prefix = name + "."
+        package = pack_package()
+        _prefix = package + "." if package else None
     return _prefix
 
 

@@ -33,9 +33,19 @@ def use_comfy() -> None:
         comfy.cli_args.args.base_directory = str(BASE_DIR)  # read when folder_paths is first imported
 
 
+def pack_package() -> str | None:
+    """The module name ComfyUI's custom-node loader imported the pack under (0.3.75: the folder's path,
+    dots replaced), or None before it is loaded. Found by file, since the name differs between releases."""
+    init = os.path.realpath(PACK_DIR / "__init__.py")
+    found = [key for key, module in list(sys.modules.items())
+             if os.path.realpath(getattr(module, "__file__", None) or os.devnull) == init]
+    assert len(found) <= 1, f"the pack is loaded more than once: {found}"
+    return found[0] if found else None
+
+
 def pack_module(name: str):
     """One of the pack's modules as ComfyUI imported it (``nodes.comfyui.training``, ``eqdiff_core.rra``);
     the pack must have been loaded (the ``registered_nodes`` fixture)."""
-    found = [m for key, m in sys.modules.items() if key.endswith(f"eqdiff-nodes.{name}")]
-    assert len(found) == 1, f"the pack's module {name} is not loaded (load the pack through registered_nodes)"
-    return found[0]
+    module = sys.modules.get(f"{pack_package()}.{name}")
+    assert module is not None, f"the pack's module {name} is not loaded (load the pack through registered_nodes)"
+    return module
