@@ -21,7 +21,8 @@ RRA_DEFAULTS = dict(strength=1.0, start_percent=0.0, end_percent=1.0, reference_
 def sample(model, clip, seed=1, steps=3, cfg=5.0, batch=1, size=64, prompt="a photo of <testconcept> dog",
            negative=""):
     latent = nodes.EmptyLatentImage().generate(size, size, batch)[0]
-    return run("EqDiffEquilibratedSampler", model=model, positive=encode(clip, prompt), negative=encode(clip, negative),
+    negative = encode(clip, negative) if isinstance(negative, str) else negative
+    return run("EqDiffEquilibratedSampler", model=model, positive=encode(clip, prompt), negative=negative,
                latent_image=latent, seed=seed, steps=steps, cfg=cfg, eta=0.0)[0]["samples"]
 
 
@@ -342,17 +343,46 @@ def test_other_packs_patches_and_wrappers_keep_working(gated):
     assert torch.allclose(separate, shared, rtol=1e-4, atol=1e-3)  # batch shapes differ: float rounding only
 
 
-def test_long_prompts_and_other_reference_contexts(gated):
-    """A 154-token prompt and a reference context of another length still run (own call if needed)."""
+def recording_calls(model):
+    """A clone of MODEL with another pack's attn2 patch, which leaves the activations alone and records
+    (rows, text length) at each UNet call; beside it the reference rows never share the target call."""
+    calls = []
+
+    def recorder(n, context, value, extra_options):
+        calls.append((n.shape[0], context.shape[1]))
+        return n, context, value
+
+    other = model.clone()
+    other.set_model_attn2_patch(recorder)
+    return other, calls
+
+
+def test_texts_of_other_lengths_are_repeated_to_a_common_one(gated):
+    """Texts of 154 tokens beside 77-token ones: the shorter are repeated, which leaves attention
+    unchanged. Expected values: the same texts repeated by hand, which takes another path (stated)."""
     m, c, vae, concept = gated
     long_prompt = "a photo of <testconcept> dog, " + ", ".join(["on a sunny beach with palm trees"] * 12)
     assert encode(c, long_prompt)[0][0].shape[1] == 154
+    # 1. a 154-token prompt: the reference rows share the target call, the reference text (77) repeated;
+    # by hand: a reference text of 154 tokens, which needs no repeating
     patched = rra_patch(m, concept, vae, cache=False)
-    out = sample(patched, c, prompt=long_prompt)
-    assert torch.isfinite(out).all() and last_run(patched).reference_passes == 3
-    ref_cond = encode(c, long_prompt)
-    patched = rra_patch(m, concept, vae, cache=False, reference_conditioning=ref_cond)
-    assert torch.isfinite(sample(patched, c)).all()
+    repeated = sample(patched, c, prompt=long_prompt)
+    assert last_run(patched).reference_passes == 3
+    by_hand = [[concept.reference_context[None].repeat(1, 2, 1), {}]]
+    expected = sample(rra_patch(m, concept, vae, cache=False, reference_conditioning=by_hand), c, prompt=long_prompt)
+    assert torch.allclose(repeated, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(repeated, sample(m, c, prompt=long_prompt), atol=1e-2)  # RRA acted
+    # 2. a 154-token reference text with 77-token prompts: a call of its own, the negative repeated;
+    # by hand: the negative at 154 tokens, with which the reference rows share the target call
+    reference = encode(c, long_prompt)
+    other, calls = recording_calls(m)
+    own_call = sample(rra_patch(other, concept, vae, cache=False, reference_conditioning=reference), c)
+    assert set(calls) == {(2, 77), (2, 154)}  # the target rows, then both reference rows at 154 tokens
+    empty = encode(c, "")
+    negative = [[empty[0][0].repeat(1, 2, 1), empty[0][1]]]
+    patched = rra_patch(m, concept, vae, cache=False, reference_conditioning=reference)
+    shared = sample(patched, c, negative=negative)
+    assert torch.allclose(own_call, shared, rtol=1e-4, atol=1e-4)
 
 
 def test_reference_rows_whose_texts_share_no_length_get_a_call_each(gated):
@@ -365,14 +395,7 @@ def test_reference_rows_whose_texts_share_no_length_get_a_call_each(gated):
     negative = ", ".join(["blurry, dark, low quality, cropped, out of frame"] * 15)
     assert reference[0][0].shape[1] == 154 and encode(c, negative)[0][0].shape[1] == 231
     repeated = [[reference[0][0].repeat(1, 3, 1), reference[0][1]]]
-    calls = []
-
-    def recorder(n, context, value, extra_options):  # a foreign attn2 patch: (rows, text length) per call
-        calls.append((n.shape[0], context.shape[1]))
-        return n, context, value
-
-    other = m.clone()
-    other.set_model_attn2_patch(recorder)
+    other, calls = recording_calls(m)
     own_calls = sample(rra_patch(other, concept, vae, cache=False, reference_conditioning=reference), c,
                        negative=negative)
     per_row = set(calls)
