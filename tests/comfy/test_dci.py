@@ -44,9 +44,9 @@ def sample_with(guider, model, seed=0):
         return guider.sample(noise, torch.zeros(1, 4, 8, 8), sampler, sigmas, disable_pbar=True, seed=seed)
 
 
-def cfg_guider(model, clip, cfg=6.0, prompt=PROMPT):
+def cfg_guider(model, clip, cfg=6.0, prompt=PROMPT, negative=""):
     guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(encode(clip, prompt), encode(clip, ""))
+    guider.set_conds(encode(clip, prompt), encode(clip, negative))
     guider.set_cfg(cfg)
     return guider
 
@@ -197,6 +197,35 @@ def test_weights_preview(applied):
     image = run("EqDiffDCIWeights", guider=guider, samples={"samples": torch.zeros(1, 4, 8, 8)})[0]
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
     assert 0 <= float(image.min()) and float(image.max()) <= 1
+
+
+def test_the_guider_reads_its_prompts_negative_and_cfg(applied):
+    """DBIM mixes the subject's tokens of P with the noun's of P_a. Counted by hand: in PROMPT 'a photo of'
+    is three tokens, the concept token one (its embedding) and 'dog' one, of eight; in P_a 'a photo of cat
+    on the beach' the noun is token 3 of seven. The negative prompt and cfg reach both branches: with an
+    empty window the result is CFGGuider's with the same negative and cfg, bit for bit."""
+    model, clip, _, _ = applied
+    settings = dci_guider(model, clip)[0].settings
+    assert (settings.concept_columns, settings.concept_length, settings.aux_columns, settings.aux_length) == \
+        ((3, 4), 8, (3,), 7)
+    # the class word given: the word after the token is not taken for it
+    assert dci_guider(model, clip, prompt="a <testconcept> on grass", class_word="dog")[1] == "a cat on grass"
+    assert dci_guider(model, clip, prompt="a <testconcept> on grass")[1] == "a cat grass"
+    plain = sample_with(cfg_guider(model, clip, cfg=3.0, negative="blurry"), model)
+    assert not torch.equal(plain, sample_with(cfg_guider(model, clip), model))
+    guider, _ = dci_guider(model, clip, dci_fraction=0.0, negative="blurry", cfg=3.0)
+    assert torch.equal(sample_with(guider, model), plain)
+
+
+def test_out_of_range_numbers_are_refused_before_the_run():
+    """validate_inputs names these inputs, so ComfyUI leaves their range checks to it."""
+    from comfy_runs import node
+
+    validate = node("EqDiffDCIGuider").validate_inputs
+    assert validate(dci_lambda=0.0, dci_fraction=0.3, cfg=6.0) is True
+    assert validate(dci_lambda=0.0, dci_fraction=1.5, cfg=6.0) == "dci_fraction: 1.5 is above the maximum 1.0"
+    assert validate(dci_lambda=-3.0, dci_fraction=0.3, cfg=6.0) == "dci_lambda: -3.0 is below the minimum -2.0"
+    assert validate(dci_lambda=0.0, dci_fraction=0.3, cfg=500.0) == "cfg: 500.0 is above the maximum 100.0"
 
 
 def test_concept_words_and_errors(applied):
