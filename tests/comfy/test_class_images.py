@@ -52,8 +52,9 @@ def test_image_i_depends_only_on_the_settings_and_i(node, tiny, tmp_path):
     one_by_one = run(node, tiny, 3, batch_size=1)
     assert (one_by_one - in_pairs).abs().max() < 2 / 255  # batched convolutions round differently
     run(node, tiny, 1, class_prompt="cat")
-    run(node, tiny, 1, seed=4)
+    next_seed = run(node, tiny, 1, seed=SETTINGS["seed"] + 1)
     assert len({p.parent for p in cached_files(tmp_path)}) == 3
+    assert (next_seed[0] - in_pairs[1]).abs().max() < 2 / 255  # image i is sampled from noise seed + i
 
 
 def test_a_stopped_run_keeps_what_it_made(node, tiny, tmp_path):
@@ -95,3 +96,7 @@ def test_the_cache_key_follows_the_weights_the_model_computes_with(tiny, registe
                                                                  "").args[0]
     assert prior.cache_folder(patched, "dog", 64, 0, 2, 5.0) != plain
     assert prior.cache_folder(model, "dog", 64, 0, 2, 5.0) == plain
+    # so does every other setting the images depend on: prompt, size, seed, steps, cfg
+    for other in (("cat", 64, 0, 2, 5.0), ("dog", 128, 0, 2, 5.0), ("dog", 64, 1, 2, 5.0), ("dog", 64, 0, 3, 5.0),
+                  ("dog", 64, 0, 2, 6.0)):
+        assert prior.cache_folder(model, *other) != plain, other
