@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from comfy_runs import progress_reports
 from eqdiff_core import metrics as M
 from metric_models import write_tiny_clip, write_tiny_dino
 
@@ -62,13 +63,16 @@ def test_node_equals_core_metrics_and_writes_its_files(node, metric_folders, out
     references = torch.rand(2, 80, 80, 3)
     prompts = "a <backpack_dog> backpack in the jungle\n\na <backpack_dog> backpack in the snow\n" \
               "watercolor painting of a <backpack_dog> backpack\n"
-    out = run(node, generated, references, prompts, filename_prefix="eqdiff/metrics")
+    with progress_reports() as progress:
+        out = run(node, generated, references, prompts, filename_prefix="eqdiff/metrics", clip_t_weight=1.0)
     csv_text, json_text, clip_t, clip_i, dino_i, table = out.result
+    # the bar counts encoded items: CLIP the 3 images, their 3 texts and the 2 references, DINO 3 + 2
+    assert progress[-1] == (13, 13) and all(total == 13 for _, total in progress)
 
     clip = M.ClipEncoder.load(str(metric_folders / "tiny-clip"))
     dino = M.DinoEncoder.load(str(metric_folders / "tiny-dino"))
     want = M.evaluate(clip, dino, generated.movedim(-1, 1), references.movedim(-1, 1),
-                      [line for line in prompts.splitlines() if line], ["<backpack_dog>"])
+                      [line for line in prompts.splitlines() if line], ["<backpack_dog>"], clip_t_weight=1.0)
     assert clip_t == pytest.approx(want.summary()["clip_t"], abs=1e-5)
     assert clip_i == pytest.approx(want.summary()["clip_i"], abs=1e-5)
     assert dino_i == pytest.approx(want.summary()["dino_i"], abs=1e-5)
@@ -76,6 +80,7 @@ def test_node_equals_core_metrics_and_writes_its_files(node, metric_folders, out
     assert [img["prompt"] for img in data["images"]] == ["a backpack in the jungle", "a backpack in the snow",
                                                          "watercolor painting of a backpack"]
     assert data["clip_model"] == "tiny-clip" and data["concept_tokens"] == ["<backpack_dog>"]
+    assert (data["dino_model"], data["preprocessing"], data["clip_t_weight"]) == ("tiny-dino", "custom_diffusion", 1.0)
     assert csv_text.splitlines()[-1].startswith("mean,,")
     assert table.dim() == 4 and table.shape[0] == 1 and table.shape[-1] == 3 and table.dtype == torch.float32
     assert 0 <= float(table.min()) < float(table.max()) <= 1
