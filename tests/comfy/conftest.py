@@ -31,3 +31,20 @@ def tiny_shapes(tiny):
 
     dm = tiny[0].get_model_object("diffusion_model")
     return model_shapes({f"diffusion_model.{k}": tuple(v.shape) for k, v in dm.state_dict().items()})
+
+
+@pytest.fixture
+def training_calls(monkeypatch, registered_nodes):
+    """What the FDTE Trainer node hands the training loop, one dict per call (the loop then runs as always):
+    train's keyword arguments, and its backend, data and settings."""
+    from comfy_env import pack_module
+
+    training = pack_module("nodes.trainer").training
+    calls, train = [], training.train
+
+    def recorded(params, backend, data, settings, optimizer, **kwargs):
+        calls.append(dict(kwargs, backend=backend, data=data, settings=settings))
+        return train(params, backend, data, settings, optimizer, **kwargs)
+
+    monkeypatch.setattr(training, "train", recorded)
+    return calls

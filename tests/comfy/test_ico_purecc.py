@@ -168,11 +168,13 @@ def test_purecc_term_reaches_the_kv_through_eps_base_only_when_trained(tiny, pac
             assert params.token_lf.grad is None  # y_base holds no concept token
 
 
-def test_purecc_through_the_trainer_node(registered_nodes, tiny, stage1):
+def test_purecc_through_the_trainer_node(registered_nodes, tiny, stage1, training_calls):
     options = registered_nodes["EqDiffTrainerOptions"].execute(purecc_weight=2.0, purecc_extractor="token_only").result[0]
     assert options == {"purecc_weight": 2.0, "purecc_extractor": "token_only"}  # optional inputs: only what is set
     concept = run_trainer(registered_nodes, tiny, steps=2, options={**options, "resolution": SIZE}, purecc_stage1=stage1)[0]
     assert concept.metadata["purecc_stage1"] == "stage1"
+    # the extractor's tokens in TrainingData's order: S*_LF, S*_HF
+    assert torch.equal(training_calls[0]["data"].extractor_tokens, torch.stack([stage1.token_lf, stage1.token_hf]))
     assert concept.metadata["settings"]["purecc_weight"] == 2.0
     assert all(torch.isfinite(t).all() for t in concept.tensors().values())
     plain = run_trainer(registered_nodes, tiny, steps=2, purecc_stage1=stage1)[0]  # connected but off

@@ -259,6 +259,27 @@ def test_resume_continues_as_an_uninterrupted_run(registered_nodes, tiny):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def test_the_node_hands_its_inputs_to_the_training_loop(registered_nodes, tiny, training_calls):
+    class_images = photos(2, seed=1)[0]
+    concept = run_trainer(registered_nodes, tiny, steps=1, seed=7, batch_size=2, class_images=class_images)[0]
+    call = training_calls[-1]
+    assert (call["seed"], call["batch_size"], call["steps"], call["start_step"]) == (7, 2, 1, 0)
+    assert call["data"].prior_latents.shape[:2] == (2, 3)  # each class image in the three branches
+    assert call["backend"].dtype == torch.float32
+    assert (concept.metadata["class_images"], concept.metadata["seed"], concept.metadata["batch_size"]) == (2, 7, 2)
+    run_trainer(registered_nodes, tiny, steps=1, precision="bf16")
+    assert training_calls[-1]["backend"].dtype == torch.bfloat16 and training_calls[-1]["data"].prior_latents is None
+
+
+def test_progress_counts_the_steps_and_starts_where_a_resumed_run_starts(registered_nodes, tiny):
+    with progress_reports() as reports:
+        half = run_trainer(registered_nodes, tiny, steps=2)[0]
+    assert reports == [(0, 2), (1, 2), (2, 2)]
+    with progress_reports() as reports:
+        run_trainer(registered_nodes, tiny, steps=3, resume_from=half)
+    assert reports == [(2, 3), (3, 3)]
+
+
 def test_saved_concept_loads_in_the_inference_nodes(registered_nodes, tiny, tmp_path):
     import folder_paths
     import nodes
@@ -427,9 +448,9 @@ def test_save_every_keep_training_state_and_resume_without_it(registered_nodes, 
         os.remove(autosave)
     saved_paths = []
     try:
-        final = run_trainer(registered_nodes, tiny, steps=3, save_every=2)[0]
+        final = run_trainer(registered_nodes, tiny, steps=4, save_every=2)[0]
         auto = concept_io.load(autosave)
-        assert auto.metadata["training_step"] == 2 and auto.training_state
+        assert auto.metadata["training_step"] == 2 and auto.training_state  # not again at the last step, 4
         assert auto.metadata["loss_history"] == pytest.approx(final.metadata["loss_history"][:2], rel=1e-6)
         save = registered_nodes["EqDiffSaveConcept"]
         for keep in (True, False):
@@ -440,9 +461,9 @@ def test_save_every_keep_training_state_and_resume_without_it(registered_nodes, 
         cold = concept_io.load(saved_paths[-1])
         resumed = run_trainer(registered_nodes, tiny, steps=2, resume_from=cold)[0]
         history = resumed.metadata["loss_history"]
-        assert resumed.metadata["training_step"] == 2 and len(history) == 5
-        assert history[:3] == pytest.approx(final.metadata["loss_history"], rel=1e-6)
-        assert history[3] != pytest.approx(final.metadata["loss_history"][0], rel=1e-4)  # other parameters
+        assert resumed.metadata["training_step"] == 2 and len(history) == 6
+        assert history[:4] == pytest.approx(final.metadata["loss_history"], rel=1e-6)
+        assert history[4] != pytest.approx(final.metadata["loss_history"][0], rel=1e-4)  # other parameters
     finally:
         for path in [autosave, *saved_paths]:
             if os.path.exists(path):
