@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nodes
-from comfy_runs import encode, run
+from comfy_runs import encode, node, run
 from concept_factory import random_concept
 
 REF = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
@@ -66,6 +66,16 @@ def applied(tiny, tiny_shapes):
     concept = random_concept(*tiny_shapes, gate=None)
     m, c, token = run("EqDiffApplyConcept", model=model, clip=clip, concept=concept, strength=1.0, token="")
     return m, c, vae, concept
+
+
+def test_a_token_that_prompts_cannot_hold_is_refused(tiny, tiny_shapes):
+    model, clip, _ = tiny
+    concept = random_concept(*tiny_shapes, gate=None)
+    for bad in ("my dog", "(dog)", "a,b", "x:1"):
+        with pytest.raises(ValueError) as raised:
+            run("EqDiffApplyConcept", model=model, clip=clip, concept=concept, strength=1.0, token=bad)
+        assert str(raised.value) == (f"token: {bad!r} must be one word without spaces, brackets, commas or colons, "
+                                     f"e.g. <testconcept>")
 
 
 def test_apply_concept_patches_kv_and_token(tiny, tiny_shapes):
@@ -406,6 +416,37 @@ def test_reference_rows_whose_texts_share_no_length_get_a_call_each(gated):
     assert set(calls) == {(2, 231), (2, 462)}
     assert torch.allclose(own_calls, one_call, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(own_calls, sample(m, c, negative=negative), atol=1e-2)  # RRA acted
+
+
+def test_strength_scales_the_gate(tiny, tiny_shapes):
+    """strength s scales M^f. With a gate row of weight 0 and bias b, M^f = b everywhere, so strength 0.5
+    at b = 0.5 is strength 1 at b = 0.25 (Eq. 9 reads only M^f)."""
+    model, clip, vae = tiny
+
+    def constant_gate(bias):
+        concept = random_concept(*tiny_shapes, gate=0.6, seed=4)
+        for params in concept.rra.values():
+            params["h_r.weight"][-1] = 0.0
+            params["h_r.bias"][-1] = bias
+        return concept
+
+    def rra_at(bias, strength):  # each concept on its own model: RRA reads the K/V deltas of its own concept
+        concept = constant_gate(bias)
+        m, c, _ = run("EqDiffApplyConcept", model=model, clip=clip, concept=concept, strength=1.0, token="")
+        return sample(rra_patch(m, concept, vae, strength=strength, cache=False), c)
+
+    scaled = rra_at(0.5, 0.5)
+    assert torch.allclose(scaled, rra_at(0.25, 1.0), rtol=0, atol=1e-6)
+    assert not torch.allclose(scaled, rra_at(0.5, 1.0), atol=1e-3)
+
+
+def test_the_rra_window_is_checked_before_the_run():
+    """validate_inputs names the window's inputs, so ComfyUI leaves their range checks to it."""
+    validate = node("EqDiffRRAPatch").validate_inputs
+    assert validate(start_percent=0.5, end_percent=0.5) is True
+    assert validate(start_percent=0.6, end_percent=0.4) == "start_percent (0.6) must not be after end_percent (0.4)"
+    assert validate(start_percent=0.0, end_percent=1.5) == "end_percent: 1.5 is above the maximum 1.0"
+    assert validate(start_percent=-0.1, end_percent=1.0) == "start_percent: -0.1 is below the minimum 0.0"
 
 
 def test_reference_maps_show_the_gate_and_the_subject_share(tiny, tiny_shapes):

@@ -311,6 +311,43 @@ def test_saved_concept_loads_in_the_inference_nodes(registered_nodes, tiny, tmp_
         os.remove(emb_path)
 
 
+def test_save_concept_overwrites_only_when_asked_and_load_concept_sees_the_new_file(registered_nodes, tiny):
+    import dataclasses
+
+    import folder_paths
+    from safetensors.torch import load_file
+
+    save, load = registered_nodes["EqDiffSaveConcept"], registered_nodes["EqDiffLoadConcept"]
+    first = run_trainer(registered_nodes, tiny, steps=1)[0]
+    second = dataclasses.replace(first, token_lf=first.token_lf + 1.0)
+    concepts, embeddings = folder_paths.get_folder_paths("eqdiff")[0], folder_paths.get_folder_paths("embeddings")[0]
+    concept_file, concept_001 = (os.path.join(concepts, f"unit_over{s}.safetensors") for s in ("", "_001"))
+    embedding, embedding_001 = (os.path.join(embeddings, f"unit_over{s}.safetensors") for s in ("", "_001"))
+    try:
+        assert save.execute(first, "unit_over", False, True, False).args[0] == "unit_over.safetensors"
+        os.utime(concept_file, (1, 1))  # so that the rewrite's time differs at any clock resolution
+        stamp = load.fingerprint_inputs("unit_over.safetensors")
+        assert save.execute(second, "unit_over", True, True, False).args[0] == "unit_over.safetensors"
+        assert not os.path.exists(concept_001) and not os.path.exists(embedding_001)
+        assert torch.equal(load.execute("unit_over.safetensors").args[0].token_lf, second.token_lf)
+        assert torch.equal(load_file(embedding)["clip_l"][0], second.token_ori)
+        assert load.fingerprint_inputs("unit_over.safetensors") != stamp  # ComfyUI reloads the file
+        # without overwrite: a new name for both files, the existing ones left as they are
+        assert save.execute(first, "unit_over", False, True, False).args[0] == "unit_over_001.safetensors"
+        assert torch.equal(load_file(embedding)["clip_l"][0], second.token_ori)
+        assert torch.equal(load_file(embedding_001)["clip_l"][0], first.token_ori)
+    finally:
+        for path in (concept_file, concept_001, embedding, embedding_001):
+            if os.path.exists(path):
+                os.remove(path)
+    assert load.fingerprint_inputs("unit_over.safetensors") is None
+    refusal = "name: '../x' must start with a letter or digit and hold only letters, digits, _ . -"
+    assert save.validate_inputs(name="../x") == refusal
+    with pytest.raises(ValueError) as raised:
+        save.execute(first, "../x", False, False, False)
+    assert str(raised.value) == refusal
+
+
 def test_bad_inputs_get_clear_errors(registered_nodes, tiny):
     images, masks = photos()
     with pytest.raises(ValueError, match="masks: 2 masks for 3 photos"):
