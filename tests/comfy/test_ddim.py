@@ -52,10 +52,27 @@ def test_matches_diffusers_ddim_step_by_step(tiny):
         assert len(xs) == steps + 1
 
 
-def sample_node(model, clip, latent, seed=3, steps=3, eta=0.0):
+def sample_node(model, clip, latent, seed=3, steps=3, eta=0.0, cfg=4.0):
     """The Equilibrated Sampler node (nodes/sampler.py) on a LATENT dict."""
     return run("EqDiffEquilibratedSampler", model=model, positive=encode(clip, "a photo of a dog"),
-               negative=encode(clip, ""), latent_image=latent, seed=seed, steps=steps, cfg=4.0, eta=eta)[0]
+               negative=encode(clip, ""), latent_image=latent, seed=seed, steps=steps, cfg=cfg, eta=eta)[0]
+
+
+def test_the_sampler_node_is_sample_custom_with_its_sampler_cfg_and_eta(tiny):
+    """Expected value: ComfyUI's sample_custom (what SamplerCustom runs) with the SAMPLER node's DDIM and
+    schedule, the same seeded noise, cfg and eta."""
+    import comfy.sample
+
+    model, clip, _ = tiny
+    latent = torch.zeros(1, 4, 8, 8)
+    ours = sample_node(model, clip, {"samples": latent}, seed=5, eta=0.8, cfg=3.0)["samples"]
+    sampler, sigmas = run("EqDiffSampler", model=model, steps=3, eta=0.8)
+    with torch.inference_mode():
+        expected = comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 5), 3.0, sampler, sigmas,
+                                              encode(clip, "a photo of a dog"), encode(clip, ""), latent, seed=5)
+    assert torch.equal(ours, expected)
+    assert not torch.equal(ours, sample_node(model, clip, {"samples": latent}, seed=5, eta=0.0, cfg=3.0)["samples"])
+    assert not torch.equal(ours, sample_node(model, clip, {"samples": latent}, seed=5, eta=0.8, cfg=4.0)["samples"])
 
 
 def test_the_latent_is_sampled_as_ksampler_samples_it(tiny):
