@@ -3,6 +3,7 @@ square, EXIF orientation, the mask lookup, the order, and the guard against fold
 directory. Expected pixels are computed here by hand with numpy from the written arrays."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -84,3 +85,27 @@ def test_folders_outside_the_input_directory_are_refused(registered_nodes, input
     assert cls.validate_inputs(folder="empty") is True
     with pytest.raises(ValueError, match="folder: 'empty' holds no photos"):
         cls.execute(folder="empty", size=64)
+
+
+def test_resizing_upper_case_names_the_folder_list_and_the_rerun_key(registered_nodes, input_dir):
+    """A 128 px photo at size 64 is PIL's Lanczos resize of it (the expected value, made here with PIL); an
+    upper-case extension is a photo; the folder list holds photo folders, not masks/ or the input directory
+    itself; the key ComfyUI reruns the node on changes when a mask file changes."""
+    from comfy_env import pack_module
+
+    folder = input_dir / "cat"
+    (folder / "masks").mkdir(parents=True)
+    big = rgb(128, 128, 5)
+    Image.fromarray(big).save(folder / "IMG_1.PNG")
+    Image.fromarray(np.full((128, 128), 255, np.uint8)).save(folder / "masks" / "IMG_1.png")
+    Image.fromarray(rgb(64, 64, 6)).save(input_dir / "loose.png")
+    cls = node(registered_nodes)
+    images, masks, count = cls.execute(folder="cat", size=64).result
+    expected = np.asarray(Image.fromarray(big).resize((64, 64), Image.Resampling.LANCZOS), np.float32) / 255
+    assert count == 1 and torch.equal(images[0], torch.from_numpy(expected)) and torch.equal(masks[0], torch.ones(64, 64))
+    assert pack_module("nodes.subject").subject_folders() == ["cat"]
+    key = cls.fingerprint_inputs(folder="cat", size=64)
+    assert cls.fingerprint_inputs(folder="cat", size=64) == key
+    os.utime(folder / "masks" / "IMG_1.png", (1, 1))
+    assert cls.fingerprint_inputs(folder="cat", size=64) != key
+    assert cls.fingerprint_inputs(folder="../elsewhere", size=64) is None
