@@ -245,6 +245,12 @@ def test_higher_threshold_never_grows_the_mask(mask_node, models, boxes):
     text = [run(mask_node, models, batch, box_threshold=0.0, text_threshold=t, boxes=boxes)[0]
             for t in (scores[2].item(), scores[-1].item())]
     assert all((b <= a).all() for a, b in zip(text, text[1:]))
+    # a box is kept when its score reaches both thresholds: either threshold alone selects the same boxes
+    for t, by_text in zip((scores[2].item(), scores[-1].item()), text):
+        assert torch.equal(by_text, run(mask_node, models, batch, box_threshold=t, text_threshold=0.0, boxes=boxes)[0])
+    report = run(mask_node, models, batch, box_threshold=0.0, text_threshold=0.0, boxes=boxes)[2]
+    found = int(report.split(": ")[1].split(" ")[0])
+    assert found == 1 if boxes == "best" else found == len(scores)  # every query reaches 0
 
 
 def test_dilate_and_feather(mask_node, models):
@@ -284,9 +290,36 @@ def test_bad_inputs_name_the_input(mask_node, models):
 
 
 # -- missing and corrupt files -------------------------------------------------------------------
-def test_missing_file_names_the_folder(folders, loader):
+def test_missing_file_names_the_folder(folders, loader, tmp_path, monkeypatch):
+    import folder_paths
+
     with pytest.raises(ValueError, match=r"grounding_dino: 'nope.pth' is not in .*grounding-dino"):
         loader.execute(grounding_dino="nope.pth", sam="tiny_vit.pth", device="cpu", precision="auto")
+    with pytest.raises(ValueError, match=r"sam: 'nope.pth' is not in .*sams"):
+        loader.execute(grounding_dino="tiny_swint.pth", sam="nope.pth", device="cpu", precision="auto")
+    assert loader.validate_inputs(grounding_dino="tiny_swint.pth", sam="tiny_vit.pth") is True
+    empty = tmp_path / "no-sams"
+    empty.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "sams", ([str(empty)], {".pth", ".safetensors"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    assert loader.validate_inputs(grounding_dino="tiny_swint.pth", sam="tiny_vit.pth") == \
+        f"sam: no .pth or .safetensors file in {empty}; put the original checkpoint there and refresh."
+
+
+def test_a_checkpoint_replaced_under_its_name_is_loaded_again(folders, extra_folder, loader):
+    import shutil
+
+    copy = extra_folder / "sams" / "replaced.safetensors"
+    shutil.copy(folders / "sams" / "tiny_vit.safetensors", copy)
+
+    def load():
+        return loader.execute(grounding_dino="tiny_swint.pth", sam="replaced.safetensors", device="cpu",
+                              precision="auto").result[0].sam
+
+    first = load()
+    assert load() is first  # unchanged: the loaded model is reused
+    os.utime(copy, (1, 1))
+    assert load() is not first
 
 
 @pytest.fixture
