@@ -452,17 +452,23 @@ def test_the_rra_window_is_checked_before_the_run():
 def test_reference_maps_show_the_gate_and_the_subject_share(tiny, tiny_shapes):
     model, clip, vae = tiny
     concept = random_concept(*tiny_shapes, gate=0.6, seed=4)
-    for params in concept.rra.values():
+    biases = torch.linspace(0.1, 0.5, len(concept.rra)).tolist()
+    for params, bias in zip(concept.rra.values(), biases):
         params["h_r.weight"][-1] = 0.0
-        params["h_r.bias"][-1] = 0.25  # M^f = clamp(0.25) = 0.25 at every position of every layer
+        params["h_r.bias"][-1] = bias  # M^f = clamp(bias) = bias at every position of the layer
     m, c, _ = run("EqDiffApplyConcept", model=model, clip=clip, concept=concept, strength=1.0, token="")
     latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))}
     common = dict(model=m, concept=concept, reference=REF, vae=vae, positive=encode(c, "a photo of <testconcept> dog"),
                   latent=latent, percent=0.5, seed=0)
     gate, share, received = run("EqDiffReferenceMaps", **common, reference_mask=torch.ones(1, 64, 64))
-    assert gate.shape == (1, 64, 64, 3) and torch.allclose(gate, torch.full_like(gate, 0.25), atol=1e-6)
+    mean_gate = sum(biases) / len(biases)  # the gate image: M^f averaged over every RRA layer
+    assert gate.shape == (1, 64, 64, 3) and torch.allclose(gate, torch.full_like(gate, mean_gate), atol=1e-6)
     assert torch.allclose(share, torch.ones_like(share), atol=1e-4)  # every row of A sums to 1
-    assert 0.5 < float(received.max()) <= 1.0 and float(received.min()) >= 0  # normalised, then upsampled
+    # normalised by its largest value (1 before the token grid is resampled to the latent), and not flat
+    assert 0.9 < float(received.max()) <= 1.0 and float(received.min()) >= 0
+    assert float(received.min()) < 0.9 * float(received.max())
+    later = run("EqDiffReferenceMaps", **{**common, "percent": 0.9}, reference_mask=torch.ones(1, 64, 64))[2]
+    assert not torch.allclose(later, received, atol=1e-3)  # another noise level, other maps
     left = torch.zeros(1, 64, 64)
     left[:, :, :32] = 1.0
     half = run("EqDiffReferenceMaps", **common, reference_mask=left)[1]
