@@ -267,6 +267,10 @@ def test_the_node_hands_its_inputs_to_the_training_loop(registered_nodes, tiny, 
     assert call["data"].prior_latents.shape[:2] == (2, 3)  # each class image in the three branches
     assert call["backend"].dtype == torch.float32
     assert (concept.metadata["class_images"], concept.metadata["seed"], concept.metadata["batch_size"]) == (2, 7, 2)
+    assert (concept.metadata["learning_rate"], concept.metadata["preset"], concept.metadata["steps"]) == \
+        (1e-3, "official", 1)
+    base_fingerprint = pack_module("nodes.comfyui.weights").base_fingerprint
+    assert concept.metadata["base_model_hash"] == base_fingerprint(tiny[0])
     run_trainer(registered_nodes, tiny, steps=1, precision="bf16")
     assert training_calls[-1]["backend"].dtype == torch.bfloat16 and training_calls[-1]["data"].prior_latents is None
 
@@ -348,7 +352,9 @@ def test_save_concept_overwrites_only_when_asked_and_load_concept_sees_the_new_f
     assert str(raised.value) == refusal
 
 
-def test_bad_inputs_get_clear_errors(registered_nodes, tiny):
+def test_bad_inputs_get_clear_errors(registered_nodes, tiny, tiny_shapes):
+    from concept_factory import random_concept
+
     images, masks = photos()
     with pytest.raises(ValueError, match="masks: 2 masks for 3 photos"):
         run_trainer(registered_nodes, tiny, photos=(images, masks[:2]))
@@ -365,6 +371,12 @@ def test_bad_inputs_get_clear_errors(registered_nodes, tiny):
         run_trainer(registered_nodes, tiny, precision="fp8")
     with pytest.raises(ValueError, match="steps: 0 trains nothing"):
         run_trainer(registered_nodes, tiny, steps=0)
+    other_clip = random_concept(*tiny_shapes, token_dim=512)  # a concept of another checkpoint
+    with pytest.raises(ValueError, match="concept 'testconcept' has 512-d token embeddings"):
+        run_trainer(registered_nodes, tiny, steps=1, resume_from=other_clip)
+    with pytest.raises(ValueError, match="concept 'testconcept' has 512-d token embeddings"):
+        run_trainer(registered_nodes, tiny, steps=1, options={"resolution": SIZE, "purecc_weight": 1.0},
+                    purecc_stage1=other_clip)
     one = run_trainer(registered_nodes, tiny, steps=1, photos=photos(1))[0]  # documented: its own reference
     assert one.metadata["photos"] == 1
     image, mask = photos(1)
