@@ -214,7 +214,10 @@ def test_no_detection_gives_empty_masks_and_a_warning(mask_node, models, caplog)
     assert mask.shape == (2, 96, 128) and mask.sum() == 0
     assert report.count("nothing found") == 2
     assert "nothing found" in caplog.text
-    assert torch.equal(preview[:, :, 0], torch.tensor([1.0, 0.0, 0.0]).expand(2, 96, 3))  # red frame
+    frame = torch.ones(96, 128, dtype=torch.bool)
+    frame[4:-4, 4:-4] = False
+    assert (preview[:, frame] == torch.tensor([1.0, 0.0, 0.0])).all()  # a red frame, 4 px on every side
+    assert torch.equal(preview[:, ~frame], batch[:, ~frame])  # inside it the photo, with nothing tinted
 
 
 def test_only_the_image_without_detection_is_empty(mask_node, models):
