@@ -109,6 +109,55 @@ def test_window_adds_auxiliary_rows_and_changes_the_image(applied):
     assert all(0 < float(w.min()) and float(w.max()) < 1 for w in weights.values())
 
 
+def test_the_auxiliary_latent_starts_from_its_own_noise_and_follows_ddim(applied):
+    """Expected values as KSAMPLER and DDIM compute them. At the first step the latent is noise x sigma_0
+    (the latent image is zero; the 6-step schedule starts at t = 831, below sigma_max, where KSAMPLER does
+    not use sqrt(1 + sigma^2)), for the auxiliary row its own seeded noise; at the next
+    window step the auxiliary row is the DDIM (eta 0) step d + (x - d) sigma_1 / sigma_0 from its CFG
+    prediction d = x - sigma (e_u + cfg (e_a - e_u)), e_u being the concept branch's unconditional noise
+    (uncond 'shared', the authors')."""
+    model, clip, _, _ = applied
+    guider, _ = dci_guider(model, clip)
+    seen = []
+
+    def inner(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        seen.append((list(transformer_options["cond_or_uncond"]), x.clone(), float(t[0]), out.clone()))
+        return out
+
+    # added after the guider's own wrapper, so inside it: it sees the auxiliary latent put in
+    guider.model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_inner", inner)
+    sample_with(guider, model)
+    (chunks, x0, s0, d0), (chunks1, x1, s1, _) = seen[:2]
+    assert sorted(chunks) == sorted(chunks1) == [0, 1, 2]  # the window's two steps: concept, uncond, auxiliary
+    row = {c: slice(i, i + 1) for i, c in enumerate(chunks)}
+    row1 = {c: slice(i, i + 1) for i, c in enumerate(chunks1)}
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # sample_with's
+    aux_noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(DEFAULTS["aux_seed"]))
+    torch.testing.assert_close(x0[row[0]], noise * s0)
+    torch.testing.assert_close(x0[row[2]], aux_noise * s0)
+    eps_u, eps_a = ((x0[row[c]] - d0[row[c]]) / s0 for c in (1, 2))
+    d = x0[row[2]] - s0 * (eps_u + DEFAULTS["cfg"] * (eps_a - eps_u))
+    torch.testing.assert_close(x1[row1[2]], d + (x0[row[2]] - d) * s1 / s0)
+
+
+def test_the_weights_are_summed_over_the_window(applied):
+    """A window of one step (fraction 0.2: t = 831 only) records that step's w_a; a window of two (0.4)
+    the same first step plus the second: the sum less the first is again a weight in [0, 1]."""
+    model, clip, _, _ = applied
+    one, two = dci_guider(model, clip, dci_fraction=0.2)[0], dci_guider(model, clip)[0]
+    sample_with(one, model)
+    sample_with(two, model)
+    first, both = one.log.last, two.log.last
+    assert first.window_evaluations == 1 and both.window_evaluations == 2
+    assert set(first.counts.values()) == {1} and set(both.counts.values()) == {2}
+    for key, w0 in first.weights.items():
+        w1 = both.weights[key] - w0
+        assert 0 <= float(w0.min()) and float(w0.max()) <= 1, key
+        assert -1e-6 <= float(w1.min()) and float(w1.max()) <= 1 + 1e-6, key
+        assert not torch.allclose(w1, w0, rtol=1e-3, atol=0), key
+
+
 def test_auxiliary_noise_and_lambda_matter(applied):
     model, clip, _, _ = applied
     base = sample_with(dci_guider(model, clip)[0], model)

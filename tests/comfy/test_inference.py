@@ -418,6 +418,18 @@ def test_reference_rows_whose_texts_share_no_length_get_a_call_each(gated):
     assert not torch.allclose(own_calls, sample(m, c, negative=negative), atol=1e-2)  # RRA acted
 
 
+def test_the_feature_cache_keeps_the_most_recently_used_entries(tiny):
+    from comfy_env import pack_module
+
+    cache = pack_module("nodes.comfyui.attention").ReferenceFeatureCache(max_entries=2)
+    base = tiny[0].model
+    cache.put(base, "a", {"f": 1})
+    cache.put(base, "b", {"f": 2})
+    assert cache.get(base, "a") == {"f": 1}  # a is now the most recently used
+    cache.put(base, "c", {"f": 3})  # over the limit: the least recently used, b, goes
+    assert cache.get(base, "b") is None and cache.get(base, "a") == {"f": 1} and cache.get(base, "c") == {"f": 3}
+
+
 def test_strength_scales_the_gate(tiny, tiny_shapes):
     """strength s scales M^f. With a gate row of weight 0 and bias b, M^f = b everywhere, so strength 0.5
     at b = 0.5 is strength 1 at b = 0.25 (Eq. 9 reads only M^f)."""
