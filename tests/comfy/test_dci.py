@@ -158,6 +158,31 @@ def test_the_weights_are_summed_over_the_window(applied):
         assert not torch.allclose(w1, w0, rtol=1e-3, atol=0), key
 
 
+def test_contexts_of_several_rows_are_folded_and_others_refused(applied):
+    """ComfyUI repeats shorter contexts to a longer negative prompt's length; DBIM sums each token's
+    attention over its copies. Expected value: the empty negative prompt repeated by hand to 154 tokens
+    gives the image of the plain 77-token one. A context of no whole number of CLIP rows (80 tokens, made
+    by hand) is refused with its length."""
+    model, clip, _, _ = applied
+    guider, aux_prompt = dci_guider(model, clip)
+    expected = sample_with(guider, model)
+    make = pack_module("nodes.comfyui.guiders").dci_guider
+    empty = encode(clip, "")
+    doubled = [[empty[0][0].repeat(1, 2, 1), empty[0][1]]]
+    folded = make(model, encode(clip, PROMPT), doubled, encode(clip, aux_prompt), guider.settings)
+    torch.testing.assert_close(sample_with(folded, model), expected, rtol=1e-4, atol=1e-4)
+    assert folded.log.last.window_evaluations == WINDOW_STEPS
+
+    def widened(cond):
+        return [[torch.cat([cond[0][0], cond[0][0][:, :3]], dim=1), cond[0][1]]]
+
+    odd = make(model, widened(encode(clip, PROMPT)), widened(empty), widened(encode(clip, aux_prompt)),
+               guider.settings)
+    with pytest.raises(ValueError) as raised:
+        sample_with(odd, model)
+    assert str(raised.value) == "DCI: a cross-attention context of 80 tokens is not whole CLIP rows"
+
+
 def test_auxiliary_noise_and_lambda_matter(applied):
     model, clip, _, _ = applied
     base = sample_with(dci_guider(model, clip)[0], model)
