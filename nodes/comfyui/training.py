@@ -224,7 +224,8 @@ class TrainingBackend:
                              f"77-token chunk; use fewer contexts or a shorter class_word")
         where = [i for i, t in enumerate(rows[0]) if torch.is_tensor(t)]
         if len(where) != m + 1 + n:
-            raise ValueError(f"class_word: {class_word!r} must not contain the concept token")
+            raise ValueError(f"class_word: {class_word!r} holds {slot!r}, the ICO prompt's context slot; use plain "
+                             f"words")
         return rows[0], where
 
     # -- DiffusionBackend ---------------------------------------------------------------------------

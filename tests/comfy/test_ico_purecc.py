@@ -72,6 +72,43 @@ def test_ico_contexts_get_gradient_only_from_their_own_rows_on_the_real_text_enc
     assert grad.abs().max() == 0
 
 
+def test_ico_contexts_start_from_their_init_texts(tiny, pack):
+    """Counted by hand: the prefix is the last M tokens of ico_prefix_init, its first token repeated in
+    front when it has fewer; the suffix the first L of ico_suffix_init, its last token repeated after; the
+    same for every branch and photo."""
+    comfy_training, training, tokens = pack
+    _, clip, _ = tiny
+    table = tokens.token_table(clip).detach().float().cpu()
+    vocabulary = getattr(clip.tokenizer, clip.tokenizer.clip).tokenizer.get_vocab()
+
+    def rows(*words):
+        return table[[vocabulary[w + "</w>"] for w in words]]
+
+    for m, n, prefix, suffix in ((3, 5, ("photo", "of", "a"), ("on", "the", "grass", "grass", "grass")),
+                                 (6, 1, ("a", "a", "a", "photo", "of", "a"), ("on",))):
+        settings = training.settings_for("official", resolution=SIZE, ico_prefix_tokens=m, ico_suffix_tokens=n,
+                                         ico_prefix_init="a photo of a", ico_suffix_init="on the grass")
+        contexts = comfy_training.initial_contexts(clip, settings, photos=2)
+        assert contexts.shape == (3, 2, m + n, 768)
+        assert torch.equal(contexts[0, 0], torch.cat([rows(*prefix), rows(*suffix)])), (m, n)
+        assert (contexts == contexts[0, 0]).all()
+
+
+def test_ico_prompts_that_cannot_be_built_are_refused(registered_nodes, tiny):
+    # 68 words: 'photo of a <methods> ...' (72 tokens) fits one row, 4 + 1 + 68 + 4 ICO slots do not
+    long_class = " ".join(["fluffy"] * 67) + " dog"
+    with pytest.raises(ValueError, match=r"ico_prefix_tokens / ico_suffix_tokens: the ICO prompt '.*' is longer "
+                                         r"than one 77-token chunk; use fewer contexts or a shorter class_word"):
+        run_trainer(registered_nodes, tiny, steps=1, options={**ICO, "ico_prefix_tokens": 4, "ico_suffix_tokens": 4},
+                    class_word=long_class)
+    # the prompt template's check refuses concept tokens and embeddings in the class word; ICO's own slot
+    # text would take a context's place
+    with pytest.raises(ValueError) as raised:
+        run_trainer(registered_nodes, tiny, steps=1, options=ICO, class_word="<eqdiff-ico-context> dog")
+    assert str(raised.value) == ("class_word: '<eqdiff-ico-context> dog' holds '<eqdiff-ico-context>', the ICO "
+                                 "prompt's context slot; use plain words")
+
+
 def test_a_concept_trained_with_ico_samples_as_its_saved_weights_without_contexts(registered_nodes, tiny):
     import folder_paths
     import nodes
