@@ -131,7 +131,7 @@ class ReferenceFeatureCache:
 
     def _weights_key(self, base_model):
         # the model object itself is checked through the weakref; this is what changes on it
-        return (str(getattr(base_model, "current_weight_patches_uuid", None)), str(base_model.get_dtype()))
+        return (str(base_model.current_weight_patches_uuid), str(base_model.get_dtype()))
 
     def get(self, base_model, key):
         if self._model_ref is None or self._model_ref() is not base_model:

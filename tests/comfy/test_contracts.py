@@ -303,6 +303,8 @@ def test_attention_contract(tiny):
             "WrappersMP.APPLY_MODEL / OUTER_SAMPLE are gone", "attention.py")
 
     model, clip, _ = tiny
+    require(hasattr(model.model, "current_weight_patches_uuid"),
+            "a ModelPatcher's model no longer has current_weight_patches_uuid", "attention.py (ReferenceFeatureCache)")
     seen = {"patch": [], "replace": [], "output": [], "apply": [], "outer": []}
 
     def attn1_patch(n, context, value, extra_options):
