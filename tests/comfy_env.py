@@ -35,12 +35,19 @@ def use_comfy() -> None:
 
 def pack_package() -> str | None:
     """The module name ComfyUI's custom-node loader imported the pack under (0.3.75: the folder's path,
-    dots replaced), or None before it is loaded. Found by file, since the name differs between releases."""
-    init = os.path.realpath(PACK_DIR / "__init__.py")
-    found = [key for key, module in list(sys.modules.items())
-             if os.path.realpath(getattr(module, "__file__", None) or os.devnull) == init]
-    assert len(found) <= 1, f"the pack is loaded more than once: {found}"
-    return found[0] if found else None
+    dots replaced), or None before it is loaded. Found by file, since the name differs between releases;
+    the name found is kept while that module stays loaded."""
+    global _package
+    if _package not in sys.modules:
+        init = os.path.realpath(PACK_DIR / "__init__.py")
+        found = [key for key, module in list(sys.modules.items())
+                 if os.path.realpath(getattr(module, "__file__", None) or os.devnull) == init]
+        assert len(found) <= 1, f"the pack is loaded more than once: {found}"
+        _package = found[0] if found else None
+    return _package
+
+
+_package: str | None = None
 
 
 def pack_module(name: str):
