@@ -56,6 +56,31 @@ def progress_reports(on_report=None):
             comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL = throttle
 
 
+@contextlib.contextmanager
+def attention_calls(model, precision=torch.float32):
+    """A clone of MODEL whose attention calls another pack's attention override records (ComfyUI's
+    optimized_attention hands every call with transformer_options['optimized_attention_override'] to it),
+    with the UNet's layers set to ``precision`` (attn_precision) while in the block. Yields the clone and
+    the list of the attn_precision each call got."""
+    calls = []
+
+    def override(func, *args, **kwargs):
+        calls.append(kwargs.get("attn_precision"))
+        return func(*args, **kwargs)
+
+    observed = model.clone()
+    observed.model_options["transformer_options"]["optimized_attention_override"] = override
+    layers = [m for m in model.get_model_object("diffusion_model").modules() if hasattr(m, "attn_precision")]
+    saved = [m.attn_precision for m in layers]
+    for m in layers:
+        m.attn_precision = precision
+    try:
+        yield observed, calls
+    finally:
+        for m, p in zip(layers, saved):
+            m.attn_precision = p
+
+
 def photos(n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """n random (SIZE, SIZE) photos and masks holding the same box."""
     g = torch.Generator().manual_seed(seed)

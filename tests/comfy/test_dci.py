@@ -8,7 +8,7 @@ import torch
 import comfy.patcher_extension
 import comfy.samplers
 from comfy.ldm.modules import attention as comfy_attention
-from comfy_runs import encode, run
+from comfy_runs import attention_calls, encode, run
 from concept_factory import random_concept
 
 from comfy_env import pack_module
@@ -181,6 +181,21 @@ def test_contexts_of_several_rows_are_folded_and_others_refused(applied):
     with pytest.raises(ValueError) as raised:
         sample_with(odd, model)
     assert str(raised.value) == "DCI: a cross-attention context of 80 tokens is not whole CLIP rows"
+
+
+def test_another_packs_attention_override_sees_every_call_with_its_precision(applied):
+    """The DBIM replace calls ComfyUI's attention with the layer's options and precision, as ComfyUI's own
+    layers do: an attention override (another pack's) sees as many calls as under plain CFG, each with the
+    precision the layers were given."""
+    model, clip, _, _ = applied
+    with attention_calls(model) as (observed, calls):
+        sample_with(cfg_guider(observed, clip), model)
+        plain = len(calls)
+        calls.clear()
+        guider, _ = dci_guider(observed, clip)
+        sample_with(guider, model)
+    assert guider.log.last.window_evaluations == WINDOW_STEPS
+    assert len(calls) == plain > 0 and set(calls) == {torch.float32}
 
 
 def test_auxiliary_noise_and_lambda_matter(applied):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nodes
-from comfy_runs import encode, node, run
+from comfy_runs import attention_calls, encode, node, run
 from concept_factory import random_concept
 
 REF = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
@@ -416,6 +416,21 @@ def test_reference_rows_whose_texts_share_no_length_get_a_call_each(gated):
     assert set(calls) == {(2, 231), (2, 462)}
     assert torch.allclose(own_calls, one_call, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(own_calls, sample(m, c, negative=negative), atol=1e-2)  # RRA acted
+
+
+def test_another_packs_attention_override_sees_every_call_with_its_precision(gated):
+    """RRA's replaces (the reference attention on attn1, the base-weight keys on attn2) call ComfyUI's
+    attention with the layer's options and precision, as ComfyUI's own layers do: an attention override
+    (another pack's) sees each of them, with the precision the layers were given."""
+    m, c, vae, concept = gated
+    with attention_calls(m) as (observed, calls):
+        sample(observed, c)
+        plain = len(calls)
+        calls.clear()
+        patched = rra_patch(observed, concept, vae, cache=False)
+        sample(patched, c)
+    assert last_run(patched).reference_passes == 3
+    assert len(calls) == plain > 0 and set(calls) == {torch.float32}  # the reference rows share the calls
 
 
 def test_the_feature_cache_keeps_the_most_recently_used_entries(tiny):
