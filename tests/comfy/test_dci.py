@@ -36,12 +36,12 @@ def ddim(model):
     return run("EqDiffSampler", model=model, steps=STEPS, eta=0.0)
 
 
-def sample_with(guider, model, seed=0):
+def sample_with(guider, model, seed=0, batch=1):
     """What SamplerCustomAdvanced does with a guider, the pack's DDIM and fixed noise."""
     sampler, sigmas = ddim(model)
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
-        return guider.sample(noise, torch.zeros(1, 4, 8, 8), sampler, sigmas, disable_pbar=True, seed=seed)
+        return guider.sample(noise, torch.zeros(batch, 4, 8, 8), sampler, sigmas, disable_pbar=True, seed=seed)
 
 
 def cfg_guider(model, clip, cfg=6.0, prompt=PROMPT, negative=""):
@@ -151,6 +151,8 @@ def test_the_weights_are_summed_over_the_window(applied):
     first, both = one.log.last, two.log.last
     assert first.window_evaluations == 1 and both.window_evaluations == 2
     assert set(first.counts.values()) == {1} and set(both.counts.values()) == {2}
+    # per layer one weight per latent position of its level: 64 at the 8 x 8 latent's own resolution
+    assert all(w.ndim == 1 for w in first.weights.values()) and max(w.numel() for w in first.weights.values()) == 64
     for key, w0 in first.weights.items():
         w1 = both.weights[key] - w0
         assert 0 <= float(w0.min()) and float(w0.max()) <= 1, key
@@ -196,6 +198,34 @@ def test_another_packs_attention_override_sees_every_call_with_its_precision(app
         sample_with(guider, model)
     assert guider.log.last.window_evaluations == WINDOW_STEPS
     assert len(calls) == plain > 0 and set(calls) == {torch.float32}
+
+
+def test_a_batch_of_two_samples_each_image_as_a_batch_of_one(applied):
+    """Image 0 of a batch of two has the noise and auxiliary noise of a batch of one (the first rows of the
+    same seeded draws), so it is that image, to batch rounding; image 1 is another."""
+    model, clip, _, _ = applied
+    single = sample_with(dci_guider(model, clip)[0], model)
+    guider = dci_guider(model, clip)[0]
+    pair = sample_with(guider, model, batch=2)
+    assert guider.log.last.window_evaluations == WINDOW_STEPS
+    torch.testing.assert_close(pair[:1], single, rtol=1e-4, atol=1e-4)
+    assert (pair[1] - pair[0]).abs().max() > 1e-2
+
+
+def test_area_conditioning_is_refused_by_name(applied):
+    """A condition set to part of the image (Conditioning (Set Area)) is evaluated on that part of the
+    latent alone, where the auxiliary latent does not fit."""
+    import nodes
+
+    model, clip, _, _ = applied
+    guider, aux_prompt = dci_guider(model, clip)
+    area = nodes.ConditioningSetArea().append(encode(clip, PROMPT), 32, 32, 0, 0, 1.0)[0]
+    partial = pack_module("nodes.comfyui.guiders").dci_guider(model, area, encode(clip, ""), encode(clip, aux_prompt),
+                                                              guider.settings)
+    with pytest.raises(ValueError) as raised:
+        sample_with(partial, model)
+    assert str(raised.value) == ("DCI Guider: a condition covers part of the latent (area or mask conditioning); "
+                                 "DCI needs whole-image conditions")
 
 
 def test_auxiliary_noise_and_lambda_matter(applied):
