@@ -396,6 +396,18 @@ def _write_bert_base(folder: Path) -> None:
 
 
 @pytest.mark.cuda
+def test_precision_float32_keeps_sam_in_float32_on_the_gpu(folders, loader):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    with torch.inference_mode():
+        full, half = (loader.execute(grounding_dino="tiny_swint.pth", sam="tiny_vit.safetensors", device="auto",
+                                     precision=p).result[0] for p in ("float32", "auto"))
+    assert next(full.sam.model.parameters()).dtype == torch.float32
+    assert next(half.sam.model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    assert next(half.dino.model.parameters()).dtype == torch.float32  # GroundingDINO: always float32
+
+
+@pytest.mark.cuda
 def test_cuda_real_size_variants_load_and_run(registered_nodes, tmp_path_factory):
     """Every supported real-size variant with random weights, saved as the released .pth files are
     (GroundingDINO as {"model": ...}; one SAM as .safetensors), loaded through the loader node on CUDA
