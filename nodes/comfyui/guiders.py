@@ -63,7 +63,6 @@ class DCIRun:
     """One sampling run: the initial noise, the auxiliary latent and the integration weights recorded."""
 
     noise: torch.Tensor
-    log: RunLog
     x_aux: torch.Tensor | None = None
     denoised_aux: torch.Tensor | None = None
     sigma_aux: float | None = None
@@ -197,7 +196,7 @@ class DCIGuider(comfy.samplers.CFGGuider):
     def sample(self, noise, latent_image, *args, **kwargs):
         original = self.model_options
         self.model_options = comfy.model_patcher.create_model_options_clone(original)
-        run = DCIRun(noise, self.log, latent_size=tuple(latent_image.shape[-2:]))
+        run = DCIRun(noise, latent_size=tuple(latent_image.shape[-2:]))
         self.model_options["transformer_options"][RUN_KEY] = run
         try:
             return super().sample(noise, latent_image, *args, **kwargs)

@@ -228,6 +228,23 @@ def test_area_conditioning_is_refused_by_name(applied):
                                  "DCI needs whole-image conditions")
 
 
+def test_eta_is_repeatable_by_seed_and_a_guider_samples_again(applied):
+    """With eta > 0 the sampler draws noise as it goes, from the seed SamplerCustomAdvanced passes; the same
+    guider samples a second time as the first (its run state is fresh, its options restored)."""
+    model, clip, _, _ = applied
+    guider, _ = dci_guider(model, clip)
+    sampler, sigmas = run("EqDiffSampler", model=model, steps=STEPS, eta=0.8)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def sample(seed):
+        with torch.inference_mode():
+            return guider.sample(noise, torch.zeros(1, 4, 8, 8), sampler, sigmas, disable_pbar=True, seed=seed)
+
+    first = sample(5)
+    assert torch.equal(sample(5), first) and not torch.equal(sample(6), first)
+    assert len(guider.log.runs) == 3 and guider.log.last.window_evaluations == WINDOW_STEPS
+
+
 def test_auxiliary_noise_and_lambda_matter(applied):
     model, clip, _, _ = applied
     base = sample_with(dci_guider(model, clip)[0], model)
