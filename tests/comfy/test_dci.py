@@ -245,6 +245,29 @@ def test_eta_is_repeatable_by_seed_and_a_guider_samples_again(applied):
     assert len(guider.log.runs) == 3 and guider.log.last.window_evaluations == WINDOW_STEPS
 
 
+def test_the_auxiliary_wrapper_passes_on_what_it_gets(applied):
+    """Between another pack's APPLY_MODEL wrappers, DCI's hands the inner one c_concat, control and the
+    keyword arguments as it got them (markers that the outer wrapper puts in and the inner takes out)."""
+    model, clip, _, _ = applied
+    c_concat, control = torch.zeros(1), {"input": [], "middle": [], "output": []}
+    seen = []
+
+    def outer(executor, x, t, c_concat_=None, c_crossattn=None, control_=None, transformer_options={}, **kwargs):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, marker="outer", **kwargs)
+
+    def inner(executor, x, t, c_concat_=None, c_crossattn=None, control_=None, transformer_options={}, **kwargs):
+        seen.append((c_concat_ is c_concat, control_ is control, kwargs.pop("marker", None)))
+        return executor(x, t, None, c_crossattn, None, transformer_options, **kwargs)
+
+    wrapped = model.clone()
+    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_outer", outer)
+    guider, _ = dci_guider(wrapped, clip)
+    guider.model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_inner", inner)
+    sample_with(guider, model)
+    assert guider.log.last.window_evaluations == WINDOW_STEPS
+    assert len(seen) == STEPS and set(seen) == {(True, True, "outer")}
+
+
 def test_auxiliary_noise_and_lambda_matter(applied):
     model, clip, _, _ = applied
     base = sample_with(dci_guider(model, clip)[0], model)
