@@ -220,8 +220,9 @@ class DCIGuider(comfy.samplers.CFGGuider):
         integrated = sum(run.counts.values())
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)
         if sum(run.counts.values()) == integrated:
-            logging.warning("DCI Guider: the concept and auxiliary rows ran in separate UNet calls (ComfyUI splits "
-                            "a batch when memory is short), so DBIM was not applied at sigma %.4g", sigma)
+            logging.warning("DCI Guider: DBIM was not applied at sigma %.4g: the concept and auxiliary rows ran in "
+                            "separate UNet calls (ComfyUI splits a batch when memory is short), or a node after the "
+                            "DCI Guider replaced the cross-attention", sigma)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out[:2] = fn({"conds": conds[:2], "conds_out": out[:2], "cond_scale": s.cfg, "timestep": timestep,
                           "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})

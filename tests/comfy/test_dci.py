@@ -268,6 +268,29 @@ def test_the_auxiliary_wrapper_passes_on_what_it_gets(applied):
     assert len(seen) == STEPS and set(seen) == {(True, True, "outer")}
 
 
+def test_a_window_step_without_dbim_is_reported(applied, caplog):
+    """DBIM runs in every window step of a plain run (nothing logged); where it could not (here the
+    cross-attention replaced again after the guider was made), each such step is logged with its sigma."""
+    import logging
+
+    model, clip, _, _ = applied
+    guider, _ = dci_guider(model, clip)
+    with caplog.at_level(logging.WARNING):
+        sample_with(guider, model)
+    assert "DBIM was not applied" not in caplog.text
+    for layer in pack_module("nodes.comfyui.unet").attention_layers(model.get_model_object("diffusion_model")):
+        guider.model_patcher.set_model_attn2_replace(
+            lambda q, k, v, extra: comfy_attention.optimized_attention(q, k, v, extra["n_heads"]), *layer.patch_key)
+    sampler, sigmas = ddim(model)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        sample_with(guider, model)
+    expected = [f"DCI Guider: DBIM was not applied at sigma {float(s):.4g}: the concept and auxiliary rows ran in "
+                f"separate UNet calls (ComfyUI splits a batch when memory is short), or a node after the DCI Guider "
+                f"replaced the cross-attention" for s in sigmas[:WINDOW_STEPS]]
+    assert [r.getMessage() for r in caplog.records if "DBIM" in r.getMessage()] == expected
+
+
 def test_auxiliary_noise_and_lambda_matter(applied):
     model, clip, _, _ = applied
     base = sample_with(dci_guider(model, clip)[0], model)
