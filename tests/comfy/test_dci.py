@@ -291,6 +291,32 @@ def test_a_window_step_without_dbim_is_reported(applied, caplog):
     assert [r.getMessage() for r in caplog.records if "DBIM" in r.getMessage()] == expected
 
 
+def test_pre_cfg_functions_see_the_concept_branch_as_under_cfg(applied):
+    """Another node's pre-CFG function (ComfyUI's sampler_pre_cfg_function) gets, in a window step, the
+    concept branch's cond and uncond with ComfyUI's arguments and cfg, and what it returns is guided. Here
+    it makes the cond the uncond, so DCI samples what CFGGuider samples with the same function: the
+    unconditional prediction alone, to batch rounding."""
+    model, clip, _, _ = applied
+    seen = []
+
+    def unguided(args):
+        seen.append((frozenset(args), len(args["conds"]), len(args["conds_out"]), args["cond_scale"]))
+        cond, uncond = args["conds_out"]
+        return [uncond.clone(), uncond]
+
+    hooked = model.clone()
+    hooked.set_model_sampler_pre_cfg_function(unguided)
+    expected = sample_with(cfg_guider(hooked, clip), model)
+    seen.clear()
+    guider, _ = dci_guider(hooked, clip)
+    out = sample_with(guider, model)
+    assert guider.log.last.window_evaluations == WINDOW_STEPS and len(seen) == STEPS
+    assert set(seen) == {(frozenset({"conds", "conds_out", "cond_scale", "timestep", "input", "sigma", "model",
+                                     "model_options"}), 2, 2, 6.0)}
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert (out - sample_with(dci_guider(model, clip)[0], model)).abs().max() > 1e-2
+
+
 def test_auxiliary_noise_and_lambda_matter(applied):
     model, clip, _, _ = applied
     base = sample_with(dci_guider(model, clip)[0], model)
