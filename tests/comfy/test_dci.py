@@ -109,15 +109,16 @@ def test_window_adds_auxiliary_rows_and_changes_the_image(applied):
     assert all(0 < float(w.min()) and float(w.max()) < 1 for w in weights.values())
 
 
-def test_the_auxiliary_latent_starts_from_its_own_noise_and_follows_ddim(applied):
+@pytest.mark.parametrize("uncond", ["shared", "separate"])
+def test_the_auxiliary_latent_starts_from_its_own_noise_and_follows_ddim(applied, uncond):
     """Expected values as KSAMPLER and DDIM compute them. At the first step the latent is noise x sigma_0
     (the latent image is zero; the 6-step schedule starts at t = 831, below sigma_max, where KSAMPLER does
-    not use sqrt(1 + sigma^2)), for the auxiliary row its own seeded noise; at the next
-    window step the auxiliary row is the DDIM (eta 0) step d + (x - d) sigma_1 / sigma_0 from its CFG
-    prediction d = x - sigma (e_u + cfg (e_a - e_u)), e_u being the concept branch's unconditional noise
-    (uncond 'shared', the authors')."""
+    not use sqrt(1 + sigma^2)), for the auxiliary row its own seeded noise; at the next window step the
+    auxiliary row is the DDIM (eta 0) step d + (x - d) sigma_1 / sigma_0 from its CFG prediction
+    d = x - sigma (e_u + cfg (e_a - e_u)), e_u being the concept branch's unconditional noise (uncond
+    'shared', the authors') or the auxiliary latent's own (uncond 'separate', chunk 3)."""
     model, clip, _, _ = applied
-    guider, _ = dci_guider(model, clip)
+    guider, _ = dci_guider(model, clip, uncond=uncond)
     seen = []
 
     def inner(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
@@ -129,16 +130,42 @@ def test_the_auxiliary_latent_starts_from_its_own_noise_and_follows_ddim(applied
     guider.model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_inner", inner)
     sample_with(guider, model)
     (chunks, x0, s0, d0), (chunks1, x1, s1, _) = seen[:2]
-    assert sorted(chunks) == sorted(chunks1) == [0, 1, 2]  # the window's two steps: concept, uncond, auxiliary
+    chunk_u = 1 if uncond == "shared" else 3
+    assert sorted(chunks) == sorted(chunks1) == sorted({0, 1, 2, chunk_u})  # the window's two steps
     row = {c: slice(i, i + 1) for i, c in enumerate(chunks)}
     row1 = {c: slice(i, i + 1) for i, c in enumerate(chunks1)}
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # sample_with's
     aux_noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(DEFAULTS["aux_seed"]))
     torch.testing.assert_close(x0[row[0]], noise * s0)
     torch.testing.assert_close(x0[row[2]], aux_noise * s0)
-    eps_u, eps_a = ((x0[row[c]] - d0[row[c]]) / s0 for c in (1, 2))
+    eps_u, eps_a = ((x0[row[c]] - d0[row[c]]) / s0 for c in (chunk_u, 2))
     d = x0[row[2]] - s0 * (eps_u + DEFAULTS["cfg"] * (eps_a - eps_u))
     torch.testing.assert_close(x1[row1[2]], d + (x0[row[2]] - d) * s1 / s0)
+
+
+def test_post_cfg_functions_get_what_cfg_gives_them(applied):
+    """Another node's post-CFG function (ComfyUI's sampler_post_cfg_function) gets, in window steps as in
+    the CFG steps around them, the guider's model, its cond and uncond, the step's latent and sigma."""
+    model, clip, _, _ = applied
+    seen = []
+
+    def observe(args):
+        seen.append(args)
+        return args["denoised"]
+
+    hooked = model.clone()
+    hooked.set_model_sampler_post_cfg_function(observe)
+    guider, _ = dci_guider(hooked, clip)
+    sampler, sigmas = ddim(model)
+    sample_with(guider, model)
+    assert guider.log.last.window_evaluations == WINDOW_STEPS and len(seen) == STEPS
+    first = seen[0]
+    assert first["cond"] is not None and first["uncond"] is not None and first["model"] is not None
+    for args in seen:  # the same objects in window and CFG steps
+        assert args["cond"] is first["cond"] and args["uncond"] is first["uncond"] and args["model"] is first["model"]
+        assert tuple(args["input"].shape) == (1, 4, 8, 8) and args["cond_scale"] == 6.0
+        assert observe in args["model_options"].get("sampler_post_cfg_function", [])
+    assert [float(args["sigma"][0]) for args in seen] == pytest.approx([float(s) for s in sigmas[:-1]])
 
 
 def test_the_weights_are_summed_over_the_window(applied):
