@@ -81,6 +81,32 @@ def attention_calls(model, precision=torch.float32):
             m.attn_precision = p
 
 
+def pass_through_wrappers(model):
+    """Two APPLY_MODEL wrappers of another pack around the code under test: the outer one puts markers in
+    c_concat, control and a keyword argument, the inner one records per UNet call (rows, c_concat marker
+    arrived, control marker arrived, keyword marker) and takes them out again. Returns a clone of MODEL with
+    the outer wrapper, a function that adds the inner one to a MODEL, and the list it records to."""
+    import comfy.patcher_extension
+
+    c_concat, control = torch.zeros(1), {"input": [], "middle": [], "output": []}
+    seen = []
+
+    def outer(executor, x, t, c_concat_=None, c_crossattn=None, control_=None, transformer_options={}, **kwargs):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, marker="outer", **kwargs)
+
+    def inner(executor, x, t, c_concat_=None, c_crossattn=None, control_=None, transformer_options={}, **kwargs):
+        seen.append((x.shape[0], c_concat_ is c_concat, control_ is control, kwargs.pop("marker", None)))
+        return executor(x, t, None, c_crossattn, None, transformer_options, **kwargs)
+
+    wrapped = model.clone()
+    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_outer", outer)
+
+    def add_inner(patched):
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_inner", inner)
+
+    return wrapped, add_inner, seen
+
+
 def photos(n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """n random (SIZE, SIZE) photos and masks holding the same box."""
     g = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ import torch
 import comfy.patcher_extension
 import comfy.samplers
 from comfy.ldm.modules import attention as comfy_attention
-from comfy_runs import attention_calls, encode, run
+from comfy_runs import attention_calls, encode, pass_through_wrappers, run
 from concept_factory import random_concept
 
 from comfy_env import pack_module
@@ -276,23 +276,13 @@ def test_the_auxiliary_wrapper_passes_on_what_it_gets(applied):
     """Between another pack's APPLY_MODEL wrappers, DCI's hands the inner one c_concat, control and the
     keyword arguments as it got them (markers that the outer wrapper puts in and the inner takes out)."""
     model, clip, _, _ = applied
-    c_concat, control = torch.zeros(1), {"input": [], "middle": [], "output": []}
-    seen = []
-
-    def outer(executor, x, t, c_concat_=None, c_crossattn=None, control_=None, transformer_options={}, **kwargs):
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, marker="outer", **kwargs)
-
-    def inner(executor, x, t, c_concat_=None, c_crossattn=None, control_=None, transformer_options={}, **kwargs):
-        seen.append((c_concat_ is c_concat, control_ is control, kwargs.pop("marker", None)))
-        return executor(x, t, None, c_crossattn, None, transformer_options, **kwargs)
-
-    wrapped = model.clone()
-    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_outer", outer)
+    wrapped, add_inner, seen = pass_through_wrappers(model)
     guider, _ = dci_guider(wrapped, clip)
-    guider.model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_inner", inner)
+    add_inner(guider.model_patcher)
     sample_with(guider, model)
     assert guider.log.last.window_evaluations == WINDOW_STEPS
-    assert len(seen) == STEPS and set(seen) == {(True, True, "outer")}
+    # the window's steps with the auxiliary row, then CFG's two rows
+    assert seen == [(3, True, True, "outer")] * WINDOW_STEPS + [(2, True, True, "outer")] * (STEPS - WINDOW_STEPS)
 
 
 def test_a_window_step_without_dbim_is_reported(applied, caplog):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nodes
-from comfy_runs import attention_calls, encode, node, run
+from comfy_runs import attention_calls, encode, node, pass_through_wrappers, run
 from concept_factory import random_concept
 
 REF = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
@@ -437,23 +437,10 @@ def test_rra_passes_on_what_the_target_rows_get(gated):
     """Between another pack's APPLY_MODEL wrappers, RRA's hands the target call c_concat, control and the
     keyword arguments as it got them (markers that the outer wrapper puts in and the inner takes out); the
     reference rows, in a call of their own then, get none of them."""
-    import comfy.patcher_extension
-
     m, c, vae, concept = gated
-    c_concat, control = torch.zeros(1), {"input": [], "middle": [], "output": []}
-    seen = []
-
-    def outer(executor, x, t, c_concat_=None, c_crossattn=None, control_=None, transformer_options={}, **kwargs):
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, marker="outer", **kwargs)
-
-    def inner(executor, x, t, c_concat_=None, c_crossattn=None, control_=None, transformer_options={}, **kwargs):
-        seen.append((x.shape[0], c_concat_ is c_concat, control_ is control, kwargs.pop("marker", None)))
-        return executor(x, t, None, c_crossattn, None, transformer_options, **kwargs)
-
-    wrapped = m.clone()
-    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_outer", outer)
+    wrapped, add_inner, seen = pass_through_wrappers(m)
     patched = rra_patch(wrapped, concept, vae, cache=False)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_inner", inner)
+    add_inner(patched)
     sample(patched, c)
     assert last_run(patched).reference_passes == 3
     # each step: the reference rows (one per CFG branch) alone, then the target rows with what they got
