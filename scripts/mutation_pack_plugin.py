@@ -26,19 +26,12 @@ MUTATED_PACKAGE = "nodes.comfyui."
 
 
 def pack_module_prefix() -> str | None:
-    """``<name>.`` of the pack as the custom-node loader imported it, or None before it is loaded.
-    Looked up once per process (it is asked at every call of a mutated function); the loader gives the
-    same folder the same name each time."""
-    global _prefix
-    if _prefix is None:
-        from comfy_env import pack_package
+    """``<name>.`` of the pack as the custom-node loader imported it, or None before it is loaded (asked at
+    every call of a mutated function; comfy_env.pack_package keeps the name once found)."""
+    from comfy_env import pack_package
 
-        package = pack_package()
-        _prefix = package + "." if package else None
-    return _prefix
-
-
-_prefix: str | None = None
+    package = pack_package()
+    return package + "." if package else None
 
 
 def translate_names() -> None:
